@@ -1,0 +1,50 @@
+"""mmpeft: parameter-efficient fine-tuning of vision-language dual encoders for classification."""
+
+from .adapters import attach_adapters, build_lora_config, lora_module_names, tower_targets, trainable_report
+from .backbones import Backbone, BackboneError, BackboneFamily, get_family, list_backbones, load_backbone
+from .config import Config, DataConfig, HeadConfig, LoraSettings, ModelConfig, TowerConfig, TrainConfig, load_config
+from .data import DataError, read_split, write_synthetic_sentiment
+from .data.loaders import build_dataloaders
+from .evaluation import evaluate, predict_logits
+from .heads import build_head
+from .metrics import classification_metrics
+from .model import FusionClassifier, build_classifier
+from .saving import load_adapter, save_adapter
+from .train import train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "BackboneFamily",
+    "Config",
+    "DataConfig",
+    "DataError",
+    "FusionClassifier",
+    "HeadConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "TowerConfig",
+    "TrainConfig",
+    "attach_adapters",
+    "build_classifier",
+    "build_dataloaders",
+    "build_head",
+    "build_lora_config",
+    "classification_metrics",
+    "evaluate",
+    "get_family",
+    "list_backbones",
+    "load_adapter",
+    "load_backbone",
+    "load_config",
+    "lora_module_names",
+    "predict_logits",
+    "read_split",
+    "save_adapter",
+    "tower_targets",
+    "train",
+    "trainable_report",
+    "write_synthetic_sentiment",
+]

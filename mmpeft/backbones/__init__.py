@@ -1,0 +1,26 @@
+"""Backbone families (CLIP, SigLIP, BLIP), their registry and the loader."""
+
+from . import families  # noqa: F401  (registers the transformers families)
+from .embedded import EMBEDDED_BACKBONE  # noqa: F401  (registers the offline short names)
+from .loading import Backbone, BackboneError, load_backbone, weights_fingerprint
+from .registry import (
+    BackboneFamily,
+    TowerOutput,
+    get_family,
+    list_backbones,
+    register_backbone,
+    register_short_name,
+)
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "BackboneFamily",
+    "TowerOutput",
+    "get_family",
+    "list_backbones",
+    "load_backbone",
+    "register_backbone",
+    "register_short_name",
+    "weights_fingerprint",
+]

@@ -1,0 +1,130 @@
+"""Load a backbone, its tokenizer and image processor through transformers' `from_pretrained`, and check them."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import BackboneFamily, get_family, resolve_short_name
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BackboneError(ValueError):
+    """A checkpoint that cannot serve as the backbone it was named for."""
+
+
+@dataclass
+class Backbone:
+    """A loaded dual encoder with what is needed to feed it and to recognise it again."""
+
+    model: nn.Module
+    family: BackboneFamily
+    tokenizer: object
+    image_processor: object
+    name: str
+    revision: str | None
+    fingerprint: str
+
+    @property
+    def text_padding(self) -> str:
+        return self.family.text_padding
+
+    @property
+    def max_text_length(self) -> int:
+        return self.family.max_text_length(self.model.config)
+
+    @property
+    def embed_dims(self) -> dict[str, int]:
+        return self.family.embed_dims(self.model.config)
+
+
+def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A short hash of the weights: names, shapes and a strided sample of values, rounded to bf16.
+
+    Rounding makes the fingerprint the same whether the backbone is stored in fp32 or bf16; the sample
+    keeps it cheap for large models while any re-initialised or other checkpoint still changes it.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).to(torch.bfloat16)
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_loading_info(family: BackboneFamily, name: str, info: dict) -> None:
+    problems = []
+    for kind in ("missing_keys", "mismatched_keys"):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(kind) or []]
+        tower_keys = [k for k in keys if family.tower_of(k)]
+        if tower_keys:
+            shown = ", ".join(sorted(tower_keys)[:8]) + (" ..." if len(tower_keys) > 8 else "")
+            problems.append(f"{len(tower_keys)} tower weight(s) {kind.split('_')[0]} and newly initialised: {shown}")
+        other = [k for k in keys if not family.tower_of(k)]
+        if other:
+            logger.warning("%s: weights outside the towers are newly initialised (unused by mmpeft): %s", name, other)
+    if problems:
+        raise BackboneError(
+            f"Checkpoint {name!r} does not fit the {family.name!r} family ({family.description}): "
+            + "; ".join(problems)
+            + ". Its towers would train from random weights. Check that the checkpoint is of this family"
+            " (e.g. a BLIP captioning checkpoint is not a blip-itm-* retrieval checkpoint) or set `model.family`."
+        )
+
+
+def _check_tokenizer(tokenizer, config, name: str) -> None:
+    vocab_size = config.text_config.vocab_size
+    if len(tokenizer) < vocab_size:
+        raise BackboneError(
+            f"The tokenizer loaded for {name!r} has {len(tokenizer)} tokens but the text tower expects "
+            f"{vocab_size}. Offline, `from_pretrained(<hub id>)` can silently return a near-empty tokenizer: "
+            "point `model.name` at a local folder that holds the tokenizer files."
+        )
+
+
+def resolve_model_name(name: str) -> str:
+    """A registered short name becomes its local folder; anything else is passed to transformers as is."""
+    return resolve_short_name(name) or name
+
+
+def load_backbone(name: str, *, family: str | None = None, revision: str | None = None,
+                  dtype: str = "float32") -> Backbone:
+    """Load a registered family's model, tokenizer and image processor from a Hub id or a local folder."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    location = resolve_model_name(name)
+    if Path(location).expanduser().exists():
+        location = str(Path(location).expanduser())
+    try:
+        config = AutoConfig.from_pretrained(location, revision=revision)
+    except OSError as err:
+        raise BackboneError(f"Cannot load a model config from {name!r}: {err}") from None
+    spec = get_family(family or config.model_type)
+    model, info = spec.model_class().from_pretrained(
+        location, revision=revision, dtype=_DTYPES[dtype], output_loading_info=True
+    )
+    _check_loading_info(spec, name, info)
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    _check_tokenizer(tokenizer, model.config, name)
+    image_processor = AutoImageProcessor.from_pretrained(location, revision=revision)
+    model.eval()
+    model.requires_grad_(False)
+    return Backbone(
+        model=model,
+        family=spec,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        name=name,
+        revision=revision or getattr(config, "_commit_hash", None),
+        fingerprint=weights_fingerprint(model),
+    )

@@ -1,0 +1,34 @@
+"""Evaluation across processes: logits gathered once per sample (`gather_for_metrics`), then metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .metrics import classification_metrics
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, labels and example indices of a whole split, on every process, each sample exactly once."""
+    was_training = model.training
+    model.eval()
+    logits, labels, index = [], [], []
+    for batch in loader:
+        out = model(**batch)
+        out, batch_labels, batch_index = accelerator.gather_for_metrics((out, batch["labels"], batch["index"]))
+        logits.append(out.float().cpu())
+        labels.append(batch_labels.cpu())
+        index.append(batch_index.cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels), torch.cat(index)
+
+
+def evaluate(model: nn.Module, loader, accelerator, label_names: list[str],
+             loss_fn: nn.Module | None = None) -> dict:
+    """Classification metrics of one split (plus the mean loss when `loss_fn` is given)."""
+    logits, labels, _ = predict_logits(model, loader, accelerator)
+    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), label_names)
+    if loss_fn is not None:
+        metrics["loss"] = float(loss_fn(logits, labels))
+    return metrics

@@ -1,0 +1,129 @@
+"""Save and load a trained classifier: the stock peft adapter plus the head, label map and provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbones import BackboneError, load_backbone
+from .config import Config, _build
+from .model import FusionClassifier, build_classifier
+
+FORMAT_VERSION = 1
+MANIFEST = "mmpeft.json"
+HEAD_WEIGHTS = "head.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _versions() -> dict[str, str]:
+    names = ("mmpeft", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    found["python"] = platform.python_version()
+    return found
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def save_adapter(model: FusionClassifier, out_dir: str | Path, config: Config, *, backbone_name: str,
+                 backbone_revision: str | None, fingerprint: str) -> Path:
+    """Write the classifier's trainable state into `out_dir`, replacing any earlier save file by file.
+
+    Files are written into a temporary folder first and then moved in, so a failed save never leaves a
+    half-written adapter where a good one was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".saving-"))
+    try:
+        if hasattr(model.backbone, "peft_config"):
+            model.backbone.save_pretrained(staging)
+        head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        save_file(head_state, staging / HEAD_WEIGHTS)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "label_names": model.label_names,
+            "backbone": {"name": backbone_name, "revision": backbone_revision, "family": model.family.name,
+                         "fingerprint": fingerprint},
+            "tower_modes": model.tower_modes,
+            "config": config.to_dict(),
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        written = [p.name for p in staging.iterdir()]
+        for stale in ADAPTER_FILES:
+            if stale not in written and (out_dir / stale).exists():
+                (out_dir / stale).unlink()  # an earlier save had an adapter this one has not
+        for name in written:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """The `mmpeft.json` of a saved classifier, with a clear error if the folder is not one."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} is not an mmpeft output folder: {MANIFEST} is missing. "
+                                "Pass the folder a training run wrote (its `train.output_dir`).")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {manifest.get('format_version')!r}; this mmpeft reads "
+                         f"version {FORMAT_VERSION}.")
+    return manifest
+
+
+def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | torch.device = "cpu"
+                 ) -> FusionClassifier:
+    """Rebuild a saved classifier: backbone, stock peft adapter, head and label map.
+
+    `base` loads the backbone from another location (e.g. a local copy of the Hub checkpoint); its weights
+    must be the ones the adapter was trained on, which the recorded fingerprint checks.
+    """
+    from peft import set_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    config: Config = _build(Config, manifest["config"], "")
+    recorded = manifest["backbone"]
+    backbone = load_backbone(base or recorded["name"], family=recorded["family"], revision=recorded["revision"],
+                             dtype=config.model.dtype)
+    if backbone.fingerprint != recorded["fingerprint"]:
+        raise BackboneError(
+            f"The adapter in {out_dir} was trained on {recorded['name']!r} (weights fingerprint "
+            f"{recorded['fingerprint']}), but {backbone.name!r} has fingerprint {backbone.fingerprint}: "
+            "same architecture, different weights. Load it onto the backbone it was trained on."
+        )
+    model = build_classifier(backbone, config, manifest["label_names"], init_head=False)
+    if hasattr(model.backbone, "peft_config"):
+        # The model already carries the adapter's structure; fill it with the saved weights (stock layout).
+        result = set_peft_model_state_dict(model.backbone, load_file(out_dir / "adapter_model.safetensors"))
+        missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{out_dir}/adapter_model.safetensors does not match the recorded config: "
+                             f"missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}.")
+    model.head.load_state_dict(load_file(out_dir / HEAD_WEIGHTS))
+    model.source = backbone
+    return model.to(device).eval()

@@ -1,0 +1,103 @@
+"""Pieces of the training loop: optimizer groups, class weights, precision choice, early stopping, memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def param_kind(name: str) -> str:
+    """`head`, `lora` or `full`: which learning rate a trainable parameter takes."""
+    if name.startswith("head.") and "lora_" not in name:
+        return "head"
+    return "lora" if "lora_" in name else "full"
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters only: per-kind learning rates, no weight decay on biases and norms."""
+    lrs = {"head": cfg.lr_head, "lora": cfg.lr_lora, "full": cfg.lr_full}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            decay = param.ndim >= 2 and "logit_scale" not in name
+            groups.setdefault((param_kind(name), decay), []).append(param)
+    if not groups:
+        raise ValueError("Nothing to train: every tower and the head are frozen. Set `model.text.mode`, "
+                         "`model.vision.mode` or `head.mode` to `lora` or `full`.")
+    param_groups = [
+        {"params": params, "lr": lrs[kind], "weight_decay": cfg.weight_decay if decay else 0.0, "name": kind}
+        for (kind, decay), params in groups.items()
+    ]
+    fused = torch.cuda.is_available() and all(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, fused=fused or None)
+
+
+def class_weights(counts: list[int], policy: str) -> torch.Tensor | None:
+    """`balanced`: n_samples / (n_classes * n_c), as scikit-learn defines it."""
+    if policy == "none" or not counts:
+        return None
+    counts_t = torch.tensor(counts, dtype=torch.float32)
+    if (counts_t == 0).any():
+        raise ValueError(f"`train.class_weights=balanced` needs every class in the training data; counts {counts}.")
+    return counts_t.sum() / (len(counts) * counts_t)
+
+
+@lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AVX-512 BF16 or AMX), where autocast pays off."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """`auto` picks bf16 on CUDA devices and CPUs that support it, and full precision elsewhere."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "no"
+
+
+def peak_memory_gib() -> float:
+    """Peak allocated CUDA memory, or the process's peak resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable parameters: enough to restore the best step later."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+class EarlyStopping:
+    """Tracks the best value of a metric (lower is better for `loss`) and stops after `patience` misses."""
+
+    def __init__(self, metric: str, patience: int | None):
+        self.sign = -1.0 if metric == "loss" else 1.0
+        self.patience = patience
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.misses = 0
+
+    def improved(self, value: float, step: int) -> bool:
+        if self.best is None or self.sign * value > self.sign * self.best:
+            self.best, self.best_step, self.misses = value, step, 0
+            return True
+        self.misses += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.misses >= self.patience
