@@ -1,0 +1,19 @@
+"""Data layer: reading manifests, building torch datasets and a synthetic sentiment set."""
+
+from mmpeft.data.dataset import Collator, MultimodalDataset, TextEncoding, class_counts, encode_texts, label_names_from
+from mmpeft.data.manifest import DataError, Example, Split, read_split
+from mmpeft.data.synthetic import write_synthetic_sentiment
+
+__all__ = [
+    "DataError",
+    "Example",
+    "Split",
+    "read_split",
+    "label_names_from",
+    "class_counts",
+    "TextEncoding",
+    "encode_texts",
+    "MultimodalDataset",
+    "Collator",
+    "write_synthetic_sentiment",
+]
