@@ -37,6 +37,7 @@ def _shared_setting(settings: dict[str, LoraSettings], name: str):
 def build_lora_config(backbone: Backbone, cfg: ModelConfig):
     """The single peft `LoraConfig` covering every LoRA tower and full tower, or None if all are frozen."""
     from peft import LoraConfig
+    from peft.utils.constants import DUMMY_TARGET_MODULES
 
     family, config = backbone.family, backbone.model.config
     modes = {tower: getattr(cfg, tower).mode for tower in TOWERS}
@@ -51,8 +52,9 @@ def build_lora_config(backbone: Backbone, cfg: ModelConfig):
     shared = {n: _shared_setting(lora_towers, n) for n in ("dropout", "use_dora", "extra")} if lora_towers else {}
     target = "|".join(f"(?:{p})" for p in patterns.values())
     if not patterns:
-        # peft needs some target; an anchored pattern that no module name can match keeps the adapter empty.
-        target = r"(?!)"
+        # Full towers only: peft raises when `target_modules` matches nothing, except for its dummy marker,
+        # which it accepts as "no LoRA layers" while still wrapping `modules_to_save`.
+        target = DUMMY_TARGET_MODULES
     return LoraConfig(
         r=first.r,
         lora_alpha=first.alpha,
