@@ -110,7 +110,7 @@ class TrainConfig:
 
     output_dir: str = "out/run"
     overwrite: bool = False
-    epochs: int = 3
+    epochs: int = 10
     max_steps: int | None = None
     lr_head: float = 1e-3
     lr_lora: float = 5e-4

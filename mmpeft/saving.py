@@ -125,5 +125,6 @@ def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | 
             raise ValueError(f"{out_dir}/adapter_model.safetensors does not match the recorded config: "
                              f"missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}.")
     model.head.load_state_dict(load_file(out_dir / HEAD_WEIGHTS))
-    model.source = backbone
+    model.source = backbone  # tokenizer and image processor, for `mmpeft.inference.predict`
+    model.config = config
     return model.to(device).eval()

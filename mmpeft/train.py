@@ -44,7 +44,7 @@ def check_output_dir(cfg: Config) -> Path:
 def train(cfg: Config) -> dict:
     """Fine-tune, evaluate and save; returns the final metrics (also written to `<output_dir>/metrics.json`)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -53,7 +53,7 @@ def train(cfg: Config) -> dict:
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=_tracker(cfg.train.tracker),
-        project_dir=str(out),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():  # one process builds caches (embedded backbone and data) first

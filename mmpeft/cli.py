@@ -1,0 +1,113 @@
+"""`mmpeft` command line: train, eval, predict, backbones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from .data.loaders import make_loader
+    from .data.manifest import read_split
+    from .evaluation import evaluate
+    from .metrics import format_report
+    from .saving import load_adapter
+
+    model = load_adapter(args.adapter, base=args.base)
+    data_cfg = model.config.data
+    data_cfg.batch_size = args.batch_size or data_cfg.eval_batch_size or data_cfg.batch_size
+    data_cfg.num_workers = args.num_workers
+    split = read_split(args.data, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
+                       label_column=data_cfg.label_column, label_names=model.label_names,
+                       check_images=data_cfg.check_images, skip_bad_rows=args.skip_bad_rows)
+    loader, _ = make_loader(split, model.label_names, model.source, data_cfg, train=False)
+    label_names = model.label_names
+    accelerator = Accelerator()
+    model, loader = accelerator.prepare(model, loader)
+    metrics = evaluate(model, loader, accelerator, label_names)
+    metrics["data"] = {"manifest": args.data, "skipped_rows": [{"row": r, "reason": w} for r, w in split.skipped]}
+    out = Path(args.output or Path(args.adapter) / f"eval-{Path(args.data).stem}.json")
+    if accelerator.is_main_process:
+        out.write_text(json.dumps(metrics, indent=2))
+        print(format_report(metrics))
+        print(f"metrics written to {out}")
+    accelerator.end_training()
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .inference import predict
+    from .saving import load_adapter
+
+    model = load_adapter(args.adapter, base=args.base)
+    probs = predict(model, [args.image], [args.text])[0]
+    ranked = sorted(zip(model.label_names, probs.tolist()), key=lambda x: -x[1])
+    print(json.dumps({"label": ranked[0][0], "probabilities": dict(ranked)}, indent=2))
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from .backbones import list_backbones
+
+    rows = list_backbones()
+    width = max(len(r["name"]) for r in rows)
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['kind']:<10}  {row['description']}  (e.g. {row['example']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmpeft", description="Fine-tune vision-language dual encoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier (the same loop as recipes/lora_sentiment.py)")
+    p.add_argument("--config", help="YAML config; defaults otherwise")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained adapter on a labelled manifest")
+    p.add_argument("--adapter", required=True, help="output folder of a training run")
+    p.add_argument("--data", required=True, help="CSV / JSONL manifest or datasets folder with labels")
+    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
+    p.add_argument("--output", help="metrics JSON path (default: <adapter>/eval-<data name>.json)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="classify one image + text")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("backbones", help="list supported backbone families and short names")
+    p.set_defaults(func=_backbones)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # User errors (bad config, data, paths) get their message, not a traceback.
+        print(f"mmpeft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
