@@ -110,8 +110,9 @@ def trainable_report(model: nn.Module, family: BackboneFamily) -> dict[str, dict
     """Trainable and total parameter counts per part: text, vision, head, other."""
     report: dict[str, dict[str, int]] = defaultdict(lambda: {"trainable": 0, "total": 0})
     for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue  # a full tower's frozen original: the trained copy beside it is what counts
         plain = name.removeprefix("backbone.").removeprefix("base_model.model.").replace(".modules_to_save.default", "")
-        plain = plain.replace(".original_module", "")
         part = "head" if name.startswith("head.") else (family.tower_of(plain) or "other")
         report[part]["total"] += param.numel()
         if param.requires_grad:

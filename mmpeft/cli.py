@@ -99,14 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def report_user_errors(run, prog: str) -> int:
+    """Run `run()`; a bad config, data or path prints its message (no traceback) and exits 2."""
+    try:
+        run()
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        # User errors (bad config, data, paths) get their message, not a traceback.
-        print(f"mmpeft {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return report_user_errors(lambda: args.func(args), f"mmpeft {args.command}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -198,6 +199,31 @@ class Config:
         return dataclasses.asdict(self)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false; `no`, `off`, `yes` stay strings (`mixed_precision: no`)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "tTfF":
+    _Yaml12Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list(_first)
+    )
+
+
+# YAML 1.1 reads `1e-3` (no dot) as a string; learning rates are written that way.
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def parse_yaml(text: str):
+    """Parse YAML as a config (1.2 booleans, `1e-3` as a float)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys with the list of valid ones."""
     if not dataclasses.is_dataclass(cls):
@@ -238,14 +264,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not path.is_file():
             raise FileNotFoundError(f"Config file {path} does not exist.")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"Config file {path} is not valid YAML: {err}") from None
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"Override {item!r} must look like `section.key=value`, e.g. `train.epochs=5`.")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        _set_path(tree, key.strip(), parse_yaml(raw) if raw != "" else None)
     try:
         return _build(Config, tree, "")
     except TypeError as err:  # a wrong type reaching a dataclass constructor

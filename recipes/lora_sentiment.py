@@ -8,8 +8,10 @@ The loop itself is `mmpeft.train.train`, the same function `mmpeft train` runs: 
 """
 
 import argparse
+import sys
 
 from mmpeft import load_config, train
+from mmpeft.cli import report_user_errors
 
 
 def recipe_main(argv: list[str] | None = None) -> dict:
@@ -22,4 +24,4 @@ def recipe_main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    recipe_main()
+    sys.exit(report_user_errors(recipe_main, "lora_sentiment.py"))
