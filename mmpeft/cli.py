@@ -8,11 +8,24 @@ import sys
 from pathlib import Path
 
 
-def _train(args: argparse.Namespace) -> int:
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training command line, shared by `mmpeft train` and the recipes."""
+    parser.add_argument("--config", help="YAML config (recipes/configs/*.yaml); defaults otherwise")
+    parser.add_argument("--skip-bad-rows", action="store_true",
+                        help="drop unreadable or invalid rows and report them (= data.skip_bad_rows=true)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 model.text.mode=frozen")
+
+
+def config_from_args(args: argparse.Namespace):
     from .config import load_config
+
+    return load_config(args.config, [*args.overrides, *(["data.skip_bad_rows=true"] if args.skip_bad_rows else [])])
+
+
+def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    train(load_config(args.config, args.overrides))
+    train(config_from_args(args))
     return 0
 
 
@@ -73,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier (the same loop as recipes/lora_sentiment.py)")
-    p.add_argument("--config", help="YAML config; defaults otherwise")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
+    add_train_arguments(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a trained adapter on a labelled manifest")

@@ -10,16 +10,14 @@ The loop itself is `mmpeft.train.train`, the same function `mmpeft train` runs: 
 import argparse
 import sys
 
-from mmpeft import load_config, train
-from mmpeft.cli import report_user_errors
+from mmpeft import train
+from mmpeft.cli import add_train_arguments, config_from_args, report_user_errors
 
 
 def recipe_main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (recipes/configs/*.yaml); defaults otherwise")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 model.text.mode=frozen")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    add_train_arguments(parser)
+    cfg = config_from_args(parser.parse_args(argv))
     return train(cfg)
 
 
