@@ -12,9 +12,8 @@ from mmpeft import get_family, load_config, train
 
 train_module = importlib.import_module("mmpeft.train")  # `mmpeft.train` the attribute is the function
 
-# `no` is quoted: unquoted, YAML reads it as False (see the report on `load_config` overrides).
-FAST = ["train.mixed_precision='no'", "train.progress=false", "train.tracker=null", "data.num_workers=0"]
-OVERFIT = ["train.lr_lora=0.005", "train.lr_head=0.01", "train.epochs=10", "data.batch_size=8",
+FAST = ["train.mixed_precision=no", "train.progress=false", "train.tracker=null", "data.num_workers=0"]
+OVERFIT = ["train.lr_lora=5e-3", "train.lr_head=1e-2", "train.epochs=10", "data.batch_size=8",
            "train.warmup_ratio=0", "head.type=concat", "head.hidden=0", "train.metric_for_best=loss"]
 
 
@@ -102,7 +101,7 @@ def test_lora_both_towers_overfits_and_keeps_base_weights(family, tiny_paths, si
 
 def test_full_text_tower_frozen_vision(tiny_paths, sixteen_examples, tmp_path, captured):
     results = run(tiny_paths["clip"], tmp_path / "out", sixteen_examples,
-                  "model.text.mode=full", "model.vision.mode=frozen", "train.lr_full=0.001")
+                  "model.text.mode=full", "model.vision.mode=frozen", "train.lr_full=1e-3")
 
     assert results["eval"]["accuracy"] == 1.0
     assert_kept_fitting(results)

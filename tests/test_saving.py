@@ -18,10 +18,9 @@ from mmpeft import (BackboneError, build_classifier, build_dataloaders, evaluate
 from mmpeft.saving import read_manifest
 from mmpeft.training_utils import build_optimizer, class_weights
 
-# `no` is quoted: unquoted, YAML reads it as False (see the report on `load_config` overrides).
-FAST = ["train.mixed_precision='no'", "train.progress=false", "train.tracker=null", "data.num_workers=0",
-        "data.batch_size=8", "train.warmup_ratio=0", "train.lr_lora=0.005", "train.lr_head=0.01",
-        "train.lr_full=0.001", "head.hidden=16"]
+FAST = ["train.mixed_precision=no", "train.progress=false", "train.tracker=null", "data.num_workers=0",
+        "data.batch_size=8", "train.warmup_ratio=0", "train.lr_lora=5e-3", "train.lr_head=1e-2",
+        "train.lr_full=1e-3", "head.hidden=16"]
 METRIC_KEYS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_precision", "weighted_recall",
                "weighted_f1", "loss", "per_class", "confusion_matrix", "num_samples")
 
