@@ -71,7 +71,8 @@ class GatedHead(Head):
 
 
 class CrossAttentionHead(Head):
-    """Text tokens attend to image patches; the attended text is mean-pooled over real tokens."""
+    """Text tokens attend to image patches; the attended text, mean-pooled over real tokens, is classified
+    together with both pooled embeddings (so a full tower's pooling layers train too)."""
 
     def __init__(self, cfg: HeadConfig, dims: dict[str, int], num_classes: int):
         super().__init__()
@@ -83,7 +84,9 @@ class CrossAttentionHead(Head):
         self.image_in = nn.Linear(dims["vision_tokens"], width)
         self.attention = nn.MultiheadAttention(width, cfg.attention_heads, dropout=cfg.dropout, batch_first=True)
         self.norm = nn.LayerNorm(width)
-        self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(width, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Dropout(cfg.dropout), nn.Linear(width + dims["text"] + dims["vision"], num_classes)
+        )
         self.last_attention: torch.Tensor | None = None
 
     def forward(self, text, image):
@@ -94,7 +97,8 @@ class CrossAttentionHead(Head):
         hidden = self.norm(query + attended)
         mask = text.mask.to(hidden.dtype).unsqueeze(-1) if text.mask is not None else torch.ones_like(hidden[..., :1])
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-        return self.classifier(pooled)
+        fused = [pooled, _maybe_normalize(text.pooled, self.cfg), _maybe_normalize(image.pooled, self.cfg)]
+        return self.classifier(torch.cat(fused, -1))
 
 
 class UnimodalHead(Head):

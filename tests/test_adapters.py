@@ -175,14 +175,16 @@ def test_full_tower_is_a_trainable_copy(tiny_paths):
 # --- heads ----------------------------------------------------------------------------------------------------
 
 
-def _head_towers(head: str) -> tuple[str, str]:
-    return {"text_only": ("lora", "frozen"), "image_only": ("frozen", "lora")}.get(head, ("lora", "lora"))
+def _head_towers(head: str, mode: str = "lora") -> tuple[str, str]:
+    """The tower modes for a head: `mode` on the towers it reads, frozen on the one it never runs."""
+    return {"text_only": (mode, "frozen"), "image_only": ("frozen", mode)}.get(head, (mode, mode))
 
 
+@pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 @pytest.mark.parametrize("head", HEAD_TYPES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_head_on_every_family(tiny_paths, family, head):
-    text_mode, vision_mode = _head_towers(head)
+def test_every_head_on_every_family(tiny_paths, family, head, mode):
+    text_mode, vision_mode = _head_towers(head, mode)
     labels = ["cat", "dog", "bird"]
     backbone, model = _classifier(tiny_paths[family], _config(text_mode, vision_mode, head), labels)
     assert any(p.requires_grad for p in model.head.parameters())
