@@ -69,6 +69,7 @@ class ModelConfig:
     family: str | None = None  # None = from the checkpoint's config.model_type
     revision: str | None = None
     dtype: str = "float32"  # storage dtype of the backbone weights
+    trust_pickle_weights: bool = False  # also read pytorch_model.bin (with torch.load weights_only=True)
     text: TowerConfig = field(default_factory=TowerConfig)
     vision: TowerConfig = field(default_factory=TowerConfig)
 
@@ -88,6 +89,16 @@ class HeadConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time image augmentation (off by default); randomness is keyed by seed, epoch and example."""
+
+    enabled: bool = False
+    crop_scale: tuple = (0.8, 1.0)
+    flip: bool = True
+    color_jitter: float = 0.2
+
+
+@dataclass
 class DataConfig:
     """Manifests (CSV, JSONL or a `datasets` folder) and how they are batched."""
 
@@ -103,6 +114,8 @@ class DataConfig:
     num_workers: int = 2
     check_images: bool = True  # decode every image once before training so a bad file fails early
     skip_bad_rows: bool = False
+    allow_outside_root: bool = False  # accept image paths that resolve outside the manifest's folder
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -130,6 +143,10 @@ class TrainConfig:
     log_every: int = 10
     tracker: str | None = "auto"  # auto = tensorboard when installed; None = no tracker
     progress: bool = True
+    checkpoint_every: int | None = None  # optimizer steps between full training-state checkpoints
+    keep_checkpoints: int = 2
+    resume_from: str | None = None  # `latest` or a checkpoints/step-N folder
+    skip_nonfinite: bool = False  # skip (and count) batches whose loss is NaN/inf instead of stopping
 
 
 @dataclass
@@ -176,6 +193,10 @@ class Config:
             problems.append(f"`train.warmup_ratio` must be in [0, 1), got {self.train.warmup_ratio!r}.")
         if not 0 <= self.train.label_smoothing < 1:
             problems.append(f"`train.label_smoothing` must be in [0, 1), got {self.train.label_smoothing!r}.")
+        for key in ("checkpoint_every", "keep_checkpoints"):
+            value = getattr(self.train, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                problems.append(f"`train.{key}` must be a positive integer, got {value!r}.")
         if self.train.max_steps is not None and (not isinstance(self.train.max_steps, int) or self.train.max_steps < 1):
             problems.append(f"`train.max_steps` must be a positive integer or null, got {self.train.max_steps!r}.")
         if self.data.eval is None and self.data.train is not None and (

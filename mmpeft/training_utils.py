@@ -84,12 +84,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class EarlyStopping:
     """Tracks the best value of a metric (lower is better for `loss`) and stops after `patience` misses."""
 
-    def __init__(self, metric: str, patience: int | None):
+    def __init__(self, metric: str, patience: int | None, *, best: float | None = None,
+                 best_step: int | None = None, misses: int = 0):
         self.sign = -1.0 if metric == "loss" else 1.0
         self.patience = patience
-        self.best: float | None = None
-        self.best_step: int | None = None
-        self.misses = 0
+        self.best, self.best_step, self.misses = best, best_step, misses  # non-default when resuming
 
     def improved(self, value: float, step: int) -> bool:
         if self.best is None or self.sign * value > self.sign * self.best:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -52,12 +52,15 @@ def encode_texts(tokenizer: Any, texts: list[str], *, max_length: int) -> TextEn
 class MultimodalDataset(torch.utils.data.Dataset):
     """Examples of one split as model inputs; images are decoded lazily in the loading worker."""
 
-    def __init__(self, split: Split, label_names: list[str] | None, image_processor: Any, text: TextEncoding):
+    def __init__(self, split: Split, label_names: list[str] | None, image_processor: Any, text: TextEncoding,
+                 augment: Callable[..., Image.Image] | None = None):
         if len(text.input_ids) != len(split.examples):
             raise ValueError(f"{len(text.input_ids)} encoded texts for {len(split.examples)} examples")
         self.examples = split.examples
         self.image_processor = image_processor
         self.input_ids = text.input_ids
+        self.augment = augment
+        self.epoch = 0
         index = {name: i for i, name in enumerate(label_names or [])}
         if label_names is None:
             self.labels = [-1] * len(self.examples)
@@ -82,8 +85,15 @@ class MultimodalDataset(torch.utils.data.Dataset):
             raise DataError(f"{ex.source} row {ex.row}: cannot decode image {where(ex)} "
                             f"({type(e).__name__}: {e}); expected a complete JPEG/PNG/... file") from e
 
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation depends on the epoch; workers see it because they are started anew each epoch."""
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        pixels = self.image_processor(images=self.load_image(i), return_tensors="pt")["pixel_values"][0]
+        image = self.load_image(i)
+        if self.augment is not None:
+            image = self.augment(image, epoch=self.epoch, index=i)
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pixels.float(), "input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader
 
+from .augment import ImageAugment
 from .dataset import Collator, MultimodalDataset, class_counts, encode_texts, label_names_from
 from .manifest import Split, read_split
 from .synthetic import write_synthetic_sentiment
@@ -54,13 +55,18 @@ def make_loader(split: Split, label_names: list[str] | None, backbone, data_cfg,
 
     max_length = data_cfg.max_text_length or backbone.max_text_length
     text = encode_texts(backbone.tokenizer, [ex.text for ex in split.examples], max_length=max_length)
-    dataset = MultimodalDataset(split, label_names, backbone.image_processor, text)
+    aug = data_cfg.augment
+    augment = (ImageAugment(tuple(aug.crop_scale), aug.flip, aug.color_jitter, seed=seed)
+               if train and aug.enabled else None)
+    dataset = MultimodalDataset(split, label_names, backbone.image_processor, text, augment=augment)
     collate = Collator(backbone.tokenizer.pad_token_id, backbone.text_padding, max_length)
     batch_size = data_cfg.batch_size if train else (data_cfg.eval_batch_size or data_cfg.batch_size)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=train, collate_fn=collate, num_workers=data_cfg.num_workers,
-        persistent_workers=data_cfg.num_workers > 0, drop_last=False,
-        generator=torch.Generator().manual_seed(seed) if train else None,
+        # Training workers restart each epoch so they see the dataset's epoch (augmentation depends on it).
+        persistent_workers=data_cfg.num_workers > 0 and not train, drop_last=False,
+        # An own generator keeps worker seeding from drawing on the global RNG that dropout uses.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, text.truncated
 

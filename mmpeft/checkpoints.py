@@ -1,0 +1,126 @@
+"""Training-state checkpoints through `accelerator.save_state`: atomic, hashed, pruned, resumable.
+
+accelerate writes the optimizer, scheduler and RNG states as pickles, which can run code when loaded. mmpeft
+therefore only loads a checkpoint whose files match the SHA-256 hashes in the manifest it wrote itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "mmpeft_checkpoint.json"
+_PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or not one mmpeft wrote."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is, beyond what accelerate saves: the data position and the best-so-far bookkeeping."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of `epoch` already consumed on each process
+    samples: int = 0
+    train_seconds: float = 0.0
+    skipped_nonfinite: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    misses: int = 0
+    history: list = field(default_factory=list)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"{_PREFIX}{step:07d}"
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: LoopState, extra_files: dict | None = None,
+                    keep: int | None = None) -> Path:
+    """Save the full training state as `checkpoints/step-N`, atomically, then keep the newest `keep`.
+
+    Every process takes part (accelerate saves per-process RNG states); the main process writes the
+    manifest and renames the finished folder into place, so a crash or a full disk never leaves a
+    half-written checkpoint under a final name, and never touches the previous one.
+    `extra_files` maps file names to callables that write them into the folder (main process only).
+    """
+    final = checkpoint_dir(output_dir, state.step)
+    staging = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            for name, write in (extra_files or {}).items():
+                write(staging / name)
+            files = {p.relative_to(staging).as_posix(): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+            (staging / MANIFEST).write_text(json.dumps({"state": asdict(state), "files": files}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and keep:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first (staging folders of interrupted saves are ignored)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(done, key=lambda p: p.name)
+
+
+def resolve_resume(output_dir: str | Path, resume_from: str) -> Path:
+    """`latest` becomes the newest finished checkpoint of `output_dir`; a path is taken as given."""
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(f"`train.resume_from=latest` but {Path(output_dir) / CHECKPOINTS} holds no "
+                                  "finished checkpoint. Set `train.checkpoint_every` to write some.")
+        return found[-1]
+    path = Path(resume_from)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"{path} is not an mmpeft checkpoint ({MANIFEST} is missing); pass a "
+                              f"`{CHECKPOINTS}/{_PREFIX}N` folder of a run or `latest`.")
+    return path
+
+
+def verify_checkpoint(path: Path) -> LoopState:
+    """Check every file against the manifest's hashes before any pickle in it is loaded."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    problems = []
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif _sha256(file) != expected:
+            problems.append(f"{name} was changed after mmpeft wrote it")
+    unexpected = [p.relative_to(path).as_posix() for p in path.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and p.relative_to(path).as_posix() not in manifest["files"]]
+    problems += [f"{name} was not written by mmpeft" for name in unexpected]
+    if problems:
+        raise CheckpointError(f"Refusing to load checkpoint {path}: " + "; ".join(problems)
+                              + ". Its pickled states could run code; resume from a checkpoint mmpeft wrote.")
+    return LoopState(**manifest["state"])

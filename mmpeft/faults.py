@@ -1,0 +1,54 @@
+"""What the loop does when things go wrong: NaN/inf losses, out-of-memory, Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+import torch
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says where it stopped and what was kept."""
+
+
+def loss_is_finite(loss: torch.Tensor, accelerator) -> bool:
+    """True when the loss is finite on every process (all ranks must agree to skip or stop together)."""
+    finite = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="sum") == accelerator.num_processes
+    return bool(finite.all())
+
+
+def out_of_memory_advice(batch_size: int, grad_accum: int) -> str:
+    half = max(1, batch_size // 2)
+    return (f"Out of GPU memory with data.batch_size={batch_size}. Try: data.batch_size={half} "
+            f"train.grad_accum={grad_accum * 2} (same effective batch); model.gradient_checkpointing=true; "
+            "a frozen tower (model.vision.mode=frozen) or 4-bit quantization (model.quantization.bits=4).")
+
+
+class StopRequest:
+    """Set by the first Ctrl-C (SIGINT); the loop checkpoints at the next step and exits. A second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextmanager
+def stop_on_interrupt():
+    """Route Ctrl-C to a `StopRequest` for the duration of training (main thread only)."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = signal.signal(signal.SIGINT, request._handler)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, previous)
