@@ -95,12 +95,14 @@ def read_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
-def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | torch.device = "cpu"
-                 ) -> FusionClassifier:
+def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | torch.device = "cpu",
+                 trust_pickle_weights: bool = False) -> FusionClassifier:
     """Rebuild a saved classifier: backbone, stock peft adapter, head and label map.
 
     `base` loads the backbone from another location (e.g. a local copy of the Hub checkpoint); its weights
     must be the ones the adapter was trained on, which the recorded fingerprint checks.
+    `trust_pickle_weights` is the caller's decision, never read from the saved folder (which may come from
+    someone else): see `load_backbone`.
     """
     from peft import set_peft_model_state_dict
 
@@ -109,7 +111,7 @@ def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | 
     config: Config = _build(Config, manifest["config"], "")
     recorded = manifest["backbone"]
     backbone = load_backbone(base or recorded["name"], family=recorded["family"], revision=recorded["revision"],
-                             dtype=config.model.dtype)
+                             dtype=config.model.dtype, trust_pickle_weights=trust_pickle_weights)
     if backbone.fingerprint != recorded["fingerprint"]:
         raise BackboneError(
             f"The adapter in {out_dir} was trained on {recorded['name']!r} (weights fingerprint "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,36 @@ def resolve_model_name(name: str) -> str:
     return resolve_short_name(name) or name
 
 
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _pickle_refused(name: str, has: str) -> BackboneError:
+    return BackboneError(
+        f"{name!r} has {has}. Pickle weight files can run code when loaded, so mmpeft reads only safetensors. "
+        "Use a checkpoint with model.safetensors, or, if you trust this one, set `model.trust_pickle_weights=true` "
+        "(load_backbone(..., trust_pickle_weights=True)); it is then read with torch.load(weights_only=True)."
+    )
+
+
+def _weights_error(name: str, location: str, err: OSError, trust_pickle_weights: bool) -> BackboneError:
+    """Why no weights file could be read: pickle-only when that is the reason, else transformers' message."""
+    folder = Path(location)
+    if not trust_pickle_weights:
+        found = [f for f in _PICKLE_WEIGHTS if (folder / f).is_file()] if folder.is_dir() else []
+        if found:
+            return _pickle_refused(name, f"only pickle weights ({', '.join(found)}) and no model.safetensors")
+        if not folder.is_dir() and "safetensors" in str(err):  # a Hub repo without safetensors weights
+            return _pickle_refused(name, "no safetensors weights (model.safetensors) on the Hub")
+    return BackboneError(f"Cannot load model weights from {name!r}: {err}")
+
+
 def load_backbone(name: str, *, family: str | None = None, revision: str | None = None,
-                  dtype: str = "float32") -> Backbone:
-    """Load a registered family's model, tokenizer and image processor from a Hub id or a local folder."""
+                  dtype: str = "float32", trust_pickle_weights: bool = False) -> Backbone:
+    """Load a registered family's model, tokenizer and image processor from a Hub id or a local folder.
+
+    Weights are read from safetensors only; `trust_pickle_weights` also accepts `pytorch_model.bin`, read with
+    `torch.load(weights_only=True)` (no arbitrary objects, so no code runs while loading).
+    """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     location = resolve_model_name(name)
@@ -110,9 +138,21 @@ def load_backbone(name: str, *, family: str | None = None, revision: str | None 
     except OSError as err:
         raise BackboneError(f"Cannot load a model config from {name!r}: {err}") from None
     spec = get_family(family or config.model_type)
-    model, info = spec.model_class().from_pretrained(
-        location, revision=revision, dtype=_DTYPES[dtype], output_loading_info=True
-    )
+    named = getattr(config, "transformers_weights", None)  # config.json may name the weights file itself
+    if named and not trust_pickle_weights and not named.endswith((".safetensors", ".safetensors.index.json")):
+        raise _pickle_refused(name, f"a config.json that names a pickle weights file ({named})")
+    try:
+        model, info = spec.model_class().from_pretrained(
+            location, revision=revision, dtype=_DTYPES[dtype], output_loading_info=True,
+            use_safetensors=None if trust_pickle_weights else True, weights_only=True,
+        )
+    except OSError as err:  # no weights file of an accepted kind
+        raise _weights_error(name, location, err, trust_pickle_weights) from None
+    except pickle.UnpicklingError as err:  # weights_only refused an object that is not a tensor
+        # torch's message suggests weights_only=False; keep only the line that says what was refused.
+        detail = next((line for line in str(err).splitlines() if "GLOBAL" in line), str(err))
+        raise BackboneError(f"{name!r}: the pickle weight file holds more than tensors, so it was not loaded "
+                            f"(torch.load(weights_only=True) refused it): {detail}") from None
     _check_loading_info(spec, name, info)
     tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
     _check_tokenizer(tokenizer, model.config, name)

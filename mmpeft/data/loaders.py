@@ -45,7 +45,8 @@ def manifest_paths(data_cfg) -> dict[str, str]:
 def _read(path: str, data_cfg, *, label_names: list[str] | None, require_labels: bool) -> Split:
     return read_split(path, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
                       label_column=data_cfg.label_column, require_labels=require_labels, label_names=label_names,
-                      check_images=data_cfg.check_images, skip_bad_rows=data_cfg.skip_bad_rows)
+                      check_images=data_cfg.check_images, skip_bad_rows=data_cfg.skip_bad_rows,
+                      allow_outside_root=data_cfg.allow_outside_root)
 
 
 def make_loader(split: Split, label_names: list[str] | None, backbone, data_cfg, *, train: bool,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -72,7 +73,7 @@ _OPEN_DATASETS: dict[tuple[int, str, str], Any] = {}
 
 @dataclass(frozen=True)
 class DatasetsImage:
-    """Picklable loader for one inline image of a datasets folder, reopened lazily once per process."""
+    """Picklable loader for one inline (bytes) image of a datasets folder, reopened lazily once per process."""
 
     folder: str
     column: str
@@ -88,11 +89,9 @@ class DatasetsImage:
             ds = ds.cast_column(self.column, datasets.Image(decode=False))
             _OPEN_DATASETS[key] = ds
         value = ds[self.index][self.column] or {}
-        if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"]))
-        if not value.get("path"):
-            raise OSError("the image cell holds neither bytes nor a path")
-        return Image.open(os.path.join(self.folder, value["path"]))
+        if not value.get("bytes"):
+            raise OSError("the image cell holds no bytes")
+        return Image.open(io.BytesIO(value["bytes"]))
 
 
 def decode_image(example: Example) -> Image.Image:
@@ -113,11 +112,25 @@ def _blank(value: Any) -> bool:
         isinstance(value, float) and math.isnan(value))
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets often write a BOM
-        reader = csv.reader(f)
+def _read_text(path: Path, source: str) -> str:
+    """The manifest's text; a file in another encoding fails naming its first line that is not UTF-8."""
+    raw = path.read_bytes()
+    raw = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw  # spreadsheets often write a BOM
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{source} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} cannot be decoded); "
+                        "expected a UTF-8 encoded manifest: re-save it as UTF-8 "
+                        "(e.g. iconv -f latin1 -t utf-8 old.csv > new.csv)") from None
+
+
+def _read_csv(path: Path, source: str) -> tuple[list[str], list[tuple[int, Any]]]:
+    # strict: an unclosed quote is an error instead of swallowing every following line into one field.
+    reader = csv.reader(io.StringIO(_read_text(path, source), newline=""), strict=True)
+    header, rows, row = [], [], 1
+    try:
         header = next(reader, [])
-        rows = []
         # csv.reader yields [] for blank lines, so counting them keeps numbers equal to spreadsheet rows.
         for row, fields in enumerate(reader, start=2):
             if not any(x.strip() for x in fields):
@@ -127,26 +140,28 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
                                   "expected one value per column"))
             else:
                 rows.append((row, dict(zip(header, fields))))
+    except csv.Error as e:
+        raise DataError(f"{source} row {row + 1 if header else 1}: malformed CSV ({e}); expected every quoted "
+                        'field to be closed, with quotes inside it doubled ("")') from None
     return header, rows
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, Any]]]:
+def _read_jsonl(path: Path, source: str) -> tuple[list[str], list[tuple[int, Any]]]:
     columns: dict[str, None] = {}
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for row, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                rows.append((row, f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line"))
-                continue
-            if not isinstance(record, dict):
-                rows.append((row, f"expected a JSON object, found {type(record).__name__}"))
-                continue
-            columns.update(dict.fromkeys(record))
-            rows.append((row, record))
+    for row, line in enumerate(io.StringIO(_read_text(path, source), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append((row, f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line"))
+            continue
+        if not isinstance(record, dict):
+            rows.append((row, f"expected a JSON object, found {type(record).__name__}"))
+            continue
+        columns.update(dict.fromkeys(record))
+        rows.append((row, record))
     return list(columns), rows
 
 
@@ -166,19 +181,33 @@ def _read_datasets_folder(path: Path, source: str, wanted: list[str]) -> tuple[l
     values: dict[str, list[Any]] = {}
     for col in (c for c in wanted if c in ds.column_names):
         if isinstance(ds.features[col], datasets.Image):
-            values[col] = [None if null else DatasetsImage(folder, col, i)
-                           for i, null in enumerate(table[col].is_null().to_pylist())]
+            import pyarrow.compute as pc
+
+            # A cell with bytes is read from the arrow file; one with only a path is a path like any other.
+            cells = table[col]
+            inline = pc.is_valid(pc.struct_field(cells, "bytes")).to_pylist()
+            paths = pc.struct_field(cells, "path").to_pylist()
+            values[col] = [None if null else DatasetsImage(folder, col, i) if inline[i] else paths[i]
+                           for i, null in enumerate(cells.is_null().to_pylist())]
         else:
             values[col] = table[col].to_pylist()
-            if isinstance(ds.features[col], datasets.ClassLabel):  # class ids -> the names the user chose
-                values[col] = [None if v is None else ds.features[col].int2str(v) for v in values[col]]
+            if isinstance(ds.features[col], datasets.ClassLabel):  # class ids -> the names the user chose; -1 = none
+                values[col] = [None if v is None or v < 0 else ds.features[col].int2str(v) for v in values[col]]
     rows = [(i + 1, {c: v[i] for c, v in values.items()}) for i in range(len(ds))]
     return ds.column_names, rows
 
 
-def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str],
-           has_labels: bool, require_labels: bool, label_names: list[str] | None) -> tuple[Example | None, list[str]]:
-    """Turns one raw record into an Example, or lists what is wrong with it."""
+def _outside(path: str, root: str) -> bool:
+    """True if `path`, with every symlink resolved, is not inside the (resolved) folder `root`."""
+    try:
+        return os.path.commonpath([os.path.realpath(path), root]) != root
+    except ValueError:  # different drives
+        return True
+
+
+def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], has_labels: bool,
+           require_labels: bool, label_names: list[str] | None, root: str | None) -> tuple[Example | None, list[str]]:
+    """Turns one raw record into an Example, or lists what is wrong with it; `root` None allows any image path."""
     if isinstance(record, str):
         return None, [record]
     errs = []
@@ -188,16 +217,29 @@ def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str],
     image, text, label = record.get(cols["image"]), record.get(cols["text"]), record.get(cols["label"])
     if not _blank(image) and not isinstance(image, (str, DatasetsImage)):
         errs.append(f"column '{cols['image']}' holds {type(image).__name__}; expected an image path string")
-    if isinstance(text, (dict, list)):
-        errs.append(f"column '{cols['text']}' holds {type(text).__name__}; expected a caption string")
-    label = None if not has_labels or _blank(label) else str(label)
+    # Numbers are fine as captions or labels (str() of them); containers or bytes would become a garbled string.
+    wrong = {role for role, value in (("text", text), ("label", label if has_labels else None))
+             if not _blank(value) and not isinstance(value, (str, int, float))}
+    errs += [f"column '{cols[role]}' holds {type(value).__name__} {_short(value)}; expected a {_ROLES[role][1]} string"
+             for role, value in (("text", text), ("label", label)) if role in wrong]
+    label = None if not has_labels or _blank(label) or "label" in wrong else str(label)
     if label is not None and label_names is not None and label not in label_names:
         errs.append(f"unknown label '{label}'; expected one of the training labels: {', '.join(label_names)}")
+    path = None
+    if isinstance(image, str) and not _blank(image):
+        path = os.path.abspath(os.path.join(base, os.path.expanduser(image)))
+        if root is not None and _outside(path, root):
+            errs.append(f"image path '{image}' resolves to {os.path.realpath(path)}, outside the data root {root}; "
+                        "set data.allow_outside_root=true to allow it")
     if errs:
         return None, errs
     loader = image if isinstance(image, DatasetsImage) else None
-    path = None if loader else os.path.abspath(os.path.join(base, os.path.expanduser(image)))
     return Example(path, str(text), label, row, source, loader), []
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _image_problem(example: Example, check_images: bool) -> str | None:
@@ -215,8 +257,12 @@ def _image_problem(example: Example, check_images: bool) -> str | None:
 
 def read_split(path: str | os.PathLike, *, image_column: str = "image", text_column: str = "text",
                label_column: str = "label", require_labels: bool = True, label_names: list[str] | None = None,
-               check_images: bool = True, skip_bad_rows: bool = False) -> Split:
-    """Reads a manifest, checks every row and image, and returns the examples or raises one DataError."""
+               check_images: bool = True, skip_bad_rows: bool = False, allow_outside_root: bool = False) -> Split:
+    """Reads a manifest, checks every row and image, and returns the examples or raises one DataError.
+
+    Image paths are relative to the manifest's folder (the data root); unless `allow_outside_root`, a path that
+    leaves it (`../`, an absolute path elsewhere, a symlink pointing out) is a bad row.
+    """
     source = str(path)
     p = Path(path).expanduser()
     if p.is_dir():
@@ -228,10 +274,7 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
         raise DataError(f"{source}: unknown manifest extension '{p.suffix}'; expected {SUPPORTED}")
     else:
         reader = _read_csv if p.suffix.lower() == ".csv" else _read_jsonl
-        try:
-            columns, rows = reader(p)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{source}: is not UTF-8 text ({e}); expected a UTF-8 encoded manifest") from e
+        columns, rows = reader(p, source)
         base = str(p.parent)
     if not rows:
         raise DataError(f"{source}: the manifest has no rows; expected at least one example")
@@ -244,7 +287,8 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
                         for r in needed if cols[r] not in columns], f"{source}: missing columns")
     has_labels = label_column in columns
 
-    built = [(row, *_build(rec, row, source, base, cols, has_labels, require_labels, label_names))
+    root = None if allow_outside_root else os.path.realpath(base)
+    built = [(row, *_build(rec, row, source, base, cols, has_labels, require_labels, label_names, root))
              for row, rec in rows]
     candidates = [ex for _, ex, _ in built if ex is not None]
     with warnings.catch_warnings():
