@@ -26,6 +26,14 @@ _ROLES = {"image": ("data.image_column", "image path"), "text": ("data.text_colu
 class DataError(ValueError):
     """Bad user data; the message names the file, row and what was expected."""
 
+    def __init__(self, message: str = ""):
+        # A DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker process 0.
+        # Original Traceback ..."); keep only the original message, which already says file, row and what to do.
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
 
 @dataclass
 class Example:
@@ -122,7 +130,7 @@ def _read_text(path: Path, source: str) -> str:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{source} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} cannot be decoded); "
                         "expected a UTF-8 encoded manifest: re-save it as UTF-8 "
-                        "(e.g. iconv -f latin1 -t utf-8 old.csv > new.csv)") from None
+                        f"(e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name})") from None
 
 
 def _read_csv(path: Path, source: str) -> tuple[list[str], list[tuple[int, Any]]]:
@@ -155,7 +163,8 @@ def _read_jsonl(path: Path, source: str) -> tuple[list[str], list[tuple[int, Any
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            rows.append((row, f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line"))
+            rows.append((row, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
+                              "expected one JSON object per line"))
             continue
         if not isinstance(record, dict):
             rows.append((row, f"expected a JSON object, found {type(record).__name__}"))
