@@ -35,6 +35,27 @@ class LoopState:
     best_step: int | None = None
     misses: int = 0
     history: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # the config keys a resume must match (see `resume_settings`)
+
+
+# Keys that may change between a run and its resume without changing what it computes.
+RESUME_FREE = ("train.resume_from", "train.overwrite", "train.progress", "train.tracker", "train.log_every",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.output_dir", "data.num_workers",
+               "data.eval_batch_size")
+
+
+def resume_settings(flat_config: dict) -> dict:
+    """The flattened config minus the keys that may differ on resume."""
+    return {k: v for k, v in flat_config.items() if k not in RESUME_FREE}
+
+
+def check_same_settings(path: Path, saved: dict, current: dict) -> None:
+    """A resume under other settings would not continue the same run: name what differs."""
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if saved and differ:
+        shown = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in differ[:8])
+        raise CheckpointError(f"Checkpoint {path} was written with other settings: {shown}. Resume with the "
+                              "config of the run that wrote it, or start a new run.")
 
 
 def _sha256(path: Path) -> str:

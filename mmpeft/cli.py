@@ -38,13 +38,14 @@ def _eval(args: argparse.Namespace) -> int:
     from .metrics import format_report
     from .saving import load_adapter
 
-    model = load_adapter(args.adapter, base=args.base)
+    model = load_adapter(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
     data_cfg = model.config.data
     data_cfg.batch_size = args.batch_size or data_cfg.eval_batch_size or data_cfg.batch_size
     data_cfg.num_workers = args.num_workers
     split = read_split(args.data, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
                        label_column=data_cfg.label_column, label_names=model.label_names,
-                       check_images=data_cfg.check_images, skip_bad_rows=args.skip_bad_rows)
+                       check_images=data_cfg.check_images, skip_bad_rows=args.skip_bad_rows,
+                       allow_outside_root=data_cfg.allow_outside_root)
     loader, _ = make_loader(split, model.label_names, model.source, data_cfg, train=False)
     label_names = model.label_names
     accelerator = Accelerator()
@@ -64,7 +65,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .inference import predict
     from .saving import load_adapter
 
-    model = load_adapter(args.adapter, base=args.base)
+    model = load_adapter(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
     probs = predict(model, [args.image], [args.text])[0]
     ranked = sorted(zip(model.label_names, probs.tolist()), key=lambda x: -x[1])
     print(json.dumps({"label": ranked[0][0], "probabilities": dict(ranked)}, indent=2))
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="output folder of a training run")
     p.add_argument("--data", required=True, help="CSV / JSONL manifest or datasets folder with labels")
     p.add_argument("--base", help="load the backbone from here instead of the recorded name")
+    p.add_argument("--trust-pickle-weights", action="store_true",
+                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
     p.add_argument("--output", help="metrics JSON path (default: <adapter>/eval-<data name>.json)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int, default=2)
@@ -104,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--text", required=True)
     p.add_argument("--base", help="load the backbone from here instead of the recorded name")
+    p.add_argument("--trust-pickle-weights", action="store_true",
+                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("backbones", help="list supported backbone families and short names")
@@ -111,14 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .faults import TrainingError
+
+    return (ValueError, FileNotFoundError, FileExistsError, TrainingError)
 
 
 def report_user_errors(run, prog: str) -> int:
     """Run `run()`; a bad config, data or path prints its message (no traceback) and exits 2."""
     try:
         run()
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

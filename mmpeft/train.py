@@ -14,7 +14,14 @@ from torch import nn
 
 from .adapters import trainable_report
 from .backbones import load_backbone
-from .checkpoints import LoopState, resolve_resume, save_checkpoint, verify_checkpoint
+from .checkpoints import (
+    LoopState,
+    check_same_settings,
+    resolve_resume,
+    resume_settings,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .config import Config
 from .data.loaders import build_dataloaders
 from .evaluation import evaluate
@@ -65,7 +72,7 @@ def train(cfg: Config) -> dict:
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():  # one process builds caches (embedded backbone and data) first
         backbone = load_backbone(cfg.model.name, family=cfg.model.family, revision=cfg.model.revision,
-                                 dtype=cfg.model.dtype)
+                                 dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights)
         data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed)
     model = build_classifier(backbone, cfg, data.label_names)
     params = trainable_report(model, backbone.family)
@@ -78,7 +85,10 @@ def train(cfg: Config) -> dict:
     eval_loader, test_loader = data.loaders.get("eval"), data.loaders.get("test")
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.train.grad_accum)
     total_steps = min(cfg.train.max_steps or math.inf, steps_per_epoch * cfg.train.epochs)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
+    # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units.
+    per_step = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps) * per_step,
+                                                total_steps * per_step)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loader, test_loader = (accelerator.prepare(x) if x is not None else None for x in (eval_loader, test_loader))
     accelerator.register_save_state_pre_hook(_save_trainable_only)  # frozen weights come from the backbone
@@ -88,10 +98,12 @@ def train(cfg: Config) -> dict:
     eval_loss = nn.CrossEntropyLoss(weight=weights)  # on the gathered CPU logits
     accelerator.init_trackers("mmpeft", config=_flat(cfg.to_dict()))
 
-    state, best_state = LoopState(), None
+    state, best_state = LoopState(settings=resume_settings(_flat(cfg.to_dict()))), None
     if cfg.train.resume_from:
         checkpoint = resolve_resume(out, cfg.train.resume_from)
-        state = verify_checkpoint(checkpoint)  # hashes first: accelerate's states are pickles
+        saved = verify_checkpoint(checkpoint)  # hashes first: accelerate's states are pickles
+        check_same_settings(checkpoint, saved.settings, state.settings)
+        state = saved
         accelerator.load_state(str(checkpoint), strict=False)
         if (checkpoint / BEST_WEIGHTS).is_file():
             best_state = load_file(checkpoint / BEST_WEIGHTS)

@@ -1,0 +1,70 @@
+"""Two CPU ranks through `accelerate launch` (gloo): every tower mode trains under DDP, and 2 ranks x batch b
+end where 1 process x batch 2b ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmpeft import load_config
+from mmpeft.train import train
+
+from conftest import write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["train.progress=false", "train.tracker=null", "train.mixed_precision=no", "data.num_workers=0"]
+
+
+def launch_two_ranks(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "lora_sentiment.py"), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory) -> dict[str, Path]:
+    """16 training examples (divisible by 2 ranks x 4) and 15 eval examples (not divisible by 2)."""
+    folder = tmp_path_factory.mktemp("ddp-data")
+    def rows(n):
+        return [{"text": f"a {['red', 'blue'][i % 2]} thing number {i}", "label": ["r", "b"][i % 2],
+                 "color": ((200, 30 + 9 * i, 30), (30, 30 + 9 * i, 200))[i % 2]} for i in range(n)]
+    return {"train": write_manifest(folder, rows(16), "train.jsonl"), "eval": write_manifest(folder, rows(15), "eval.jsonl")}
+
+
+# The plain DDP loop fails for CLIP `full` + a fusion head: `logit_scale` is trainable and never used.
+@pytest.mark.parametrize("text,vision,head", [("lora", "lora", "full"), ("frozen", "lora", "full"),
+                                              ("frozen", "frozen", "full"), ("full", "full", "full")],
+                         ids=["lora-both", "text-frozen", "head-only", "full"])
+def test_every_tower_mode_trains_on_two_ranks(tmp_path, tiny_paths, ddp_data, text, vision, head):
+    out = tmp_path / "ddp"
+    run = launch_two_ranks([f"model.name={tiny_paths['clip']}", f"model.text.mode={text}",
+                            f"model.vision.mode={vision}", f"head.mode={head}", f"data.train={ddp_data['train']}",
+                            f"data.eval={ddp_data['eval']}", "data.batch_size=4", "train.max_steps=3",
+                            f"train.output_dir={out}", *QUIET])
+    assert run.returncode == 0, run.stderr[-6000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 3
+    assert metrics["eval"]["num_samples"] == 15  # gather_for_metrics counts each sample exactly once
+
+
+def test_two_ranks_end_where_one_process_with_twice_the_batch_ends(tmp_path, tiny_paths, ddp_data):
+    common = [f"model.name={tiny_paths['clip']}", f"data.train={ddp_data['train']}", f"data.eval={ddp_data['eval']}",
+              "model.text.lora.dropout=0", "model.vision.lora.dropout=0", "head.dropout=0", "train.epochs=2",
+              "train.lr_lora=5e-3", "train.lr_head=5e-3", *QUIET]
+    two = launch_two_ranks([*common, "data.batch_size=4", f"train.output_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-6000:]
+    train(load_config(None, [*common, "data.batch_size=8", f"train.output_dir={tmp_path / 'one'}"]))
+    for name in ("adapter_model.safetensors", "head.safetensors"):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=f"{name}:{key}")
+    moved = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in moved.items() if "lora_B" in k), "LoRA did not train at all"
