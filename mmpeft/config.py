@@ -16,7 +16,12 @@ TOWER_MODES = ("frozen", "lora", "full")
 HEAD_TYPES = ("concat", "gated", "cross_attention", "text_only", "image_only", "prompt")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CLASS_WEIGHTS = ("none", "balanced")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_BITS = (4, 8)
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+STORAGE_DTYPES = ("auto", "uint8", "bfloat16", "float16", "float32")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_recall", "weighted_recall", "loss")
 
 
@@ -62,16 +67,48 @@ class TowerConfig:
 
 
 @dataclass
+class QuantConfig:
+    """bitsandbytes quantization of a frozen base (QLoRA): the towers' linear layers in 4 or 8 bits."""
+
+    bits: int = 4
+    quant_type: str = "nf4"  # 4-bit only: nf4 | fp4
+    double_quant: bool = True  # 4-bit only: quantize the block scales too (about 0.4 bit per weight)
+    compute_dtype: str = "bfloat16"  # matmul dtype, and the dtype of every part that is not quantized
+    storage_dtype: str = "auto"  # 4-bit packing dtype (bnb_4bit_quant_storage); auto = uint8, compute dtype under FSDP
+    towers: list[str] = field(default_factory=lambda: ["text", "vision"])
+
+    def validate(self, section: str = "model.quantization") -> list[str]:
+        """Every problem with these settings, each naming its key (empty when all is well)."""
+        problems = []
+        for name, choices in (("bits", QUANT_BITS), ("quant_type", QUANT_TYPES), ("compute_dtype", COMPUTE_DTYPES),
+                              ("storage_dtype", STORAGE_DTYPES)):
+            try:
+                _check_choice(section, name, getattr(self, name), choices)
+            except ValueError as err:
+                problems.append(str(err))
+        if not isinstance(self.double_quant, bool):
+            problems.append(f"`{section}.double_quant` must be true or false, got {self.double_quant!r}.")
+        towers = self.towers
+        if (not isinstance(towers, list) or not towers or len(set(towers)) != len(towers)
+                or not set(towers) <= {"text", "vision"}):
+            problems.append(f"`{section}.towers` must be a non-empty list of distinct towers from ['text', 'vision'], "
+                            f"got {towers!r}.")
+        return problems
+
+
+@dataclass
 class ModelConfig:
     """The backbone: a Hub id, a local folder or a registered short name."""
 
     name: str = "tiny-clip"
     family: str | None = None  # None = from the checkpoint's config.model_type
     revision: str | None = None
-    dtype: str = "float32"  # storage dtype of the backbone weights
+    dtype: str = "auto"  # storage dtype of the backbone weights; auto = float32, or the compute dtype when quantized
     trust_pickle_weights: bool = False  # also read pytorch_model.bin (with torch.load weights_only=True)
     text: TowerConfig = field(default_factory=TowerConfig)
     vision: TowerConfig = field(default_factory=TowerConfig)
+    quantization: QuantConfig | None = None  # None = no quantization
+    gradient_checkpointing: bool = False  # recompute each encoder layer in the backward pass (non-reentrant)
 
 
 @dataclass
@@ -142,6 +179,7 @@ class TrainConfig:
     eval_every: int | None = None  # in optimizer steps; None = once per epoch
     log_every: int = 10
     tracker: str | None = "auto"  # auto = tensorboard when installed; None = no tracker
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (the last two through bitsandbytes)
     progress: bool = True
     checkpoint_every: int | None = None  # optimizer steps between full training-state checkpoints
     keep_checkpoints: int = 2
@@ -169,6 +207,7 @@ class Config:
             lambda: _check_choice("train", "mixed_precision", self.train.mixed_precision, MIXED_PRECISION),
             lambda: _check_choice("train", "class_weights", self.train.class_weights, CLASS_WEIGHTS),
             lambda: _check_choice("train", "metric_for_best", self.train.metric_for_best, METRICS),
+            lambda: _check_choice("train", "optimizer", self.train.optimizer, OPTIMIZERS),
             lambda: _check_positive("data", "batch_size", self.data.batch_size),
             lambda: _check_positive("data", "num_workers", self.data.num_workers, allow_zero=True),
             lambda: _check_positive("train", "epochs", self.train.epochs),
@@ -213,8 +252,28 @@ class Config:
             problems.append("`head.type=prompt` has no linear layers for LoRA: use `head.mode=full` or `frozen`.")
         if self.head.type == "prompt" and "{}" not in self.head.prompt_template:
             problems.append(f"`head.prompt_template` must contain '{{}}' for the class name, got {self.head.prompt_template!r}.")
+        problems += self._quantization_problems()
+        if not isinstance(self.model.gradient_checkpointing, bool):
+            problems.append(f"`model.gradient_checkpointing` must be true or false, got "
+                            f"{self.model.gradient_checkpointing!r}.")
         if problems:
             raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+    def _quantization_problems(self) -> list[str]:
+        quant = self.model.quantization
+        if quant is None:
+            return []
+        problems = quant.validate("model.quantization")
+        towers = quant.towers if isinstance(quant.towers, list) else []
+        for tower in ("text", "vision"):
+            if tower in towers and getattr(self.model, tower).mode == "full":
+                other = "vision" if tower == "text" else "text"
+                problems.append(
+                    f"`model.quantization.towers` includes {tower} but `model.{tower}.mode=full`: {quant.bits}-bit "
+                    f"weights cannot be trained. Use `model.{tower}.mode=lora` (QLoRA) or `frozen`, or quantize "
+                    f"the other tower only (`model.quantization.towers=[{other}]`)."
+                )
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -261,6 +320,9 @@ def _build(cls: type, data: Any, where: str) -> Any:
     for key, value in data.items():
         hint = hints[key]
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            if value is None and type(None) in typing.get_args(hint):
+                kwargs[key] = None  # an optional section switched off (`model.quantization: null`)
+                continue
             hint = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
         sub = f"{where}.{key}" if where else key
         kwargs[key] = _build(hint, value, sub) if dataclasses.is_dataclass(hint) else value

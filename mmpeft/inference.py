@@ -12,6 +12,12 @@ from .model import FusionClassifier
 @torch.no_grad()
 def predict(model: FusionClassifier, images: list, texts: list[str]) -> torch.Tensor:
     """Class probabilities (N, C) for image paths or PIL images paired with texts."""
+    model.eval()
+    return torch.softmax(model(**encode_batch(model, images, texts)).float(), dim=-1).cpu()
+
+
+def encode_batch(model: FusionClassifier, images: list, texts: list[str]) -> dict[str, torch.Tensor]:
+    """A model-ready batch (on the model's device) from image paths or PIL images paired with texts."""
     if len(images) != len(texts):
         raise ValueError(f"predict needs one text per image, got {len(images)} images and {len(texts)} texts.")
     backbone = model.source
@@ -29,6 +35,4 @@ def predict(model: FusionClassifier, images: list, texts: list[str]) -> torch.Te
         items.append({"pixel_values": pixels.float(), "input_ids": ids, "labels": -1, "index": i})
     batch = Collator(backbone.tokenizer.pad_token_id, backbone.text_padding, max_length)(items)
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    model.eval()
-    return torch.softmax(model(**batch).float(), dim=-1).cpu()
+    return {k: v.to(device) for k, v in batch.items()}

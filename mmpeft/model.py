@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch import nn
@@ -10,8 +11,11 @@ from torch import nn
 from .adapters import attach_adapters
 from .backbones import Backbone
 from .backbones.registry import TOWERS, BackboneFamily, TowerOutput
-from .config import Config, HeadConfig
+from .config import Config, HeadConfig, ModelConfig
 from .heads import Head, PromptHead, build_head
+from .quant import TORCH_DTYPES, QuantizationError, cast_unquantized, quantize_linears, quantized_modules, skip_patterns
+
+logger = logging.getLogger(__name__)
 
 
 class FusionClassifier(nn.Module):
@@ -43,6 +47,13 @@ class FusionClassifier(nn.Module):
         with self._grad_context("vision"):
             return self.family.encode_image(self.base, pixel_values)
 
+    def _for_head(self, out: TowerOutput | None) -> TowerOutput | None:
+        """Tower outputs in the head's dtype: a bf16 or quantized backbone feeds an fp32 head without autocast."""
+        param = next(self.head.parameters(), None)
+        if out is None or param is None or out.pooled.dtype == param.dtype:
+            return out
+        return TowerOutput(out.pooled.to(param.dtype), out.tokens.to(param.dtype), out.mask)
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, **_: object) -> torch.Tensor:
         if isinstance(self.head, PromptHead) and self.head.class_embeds is None:
@@ -50,7 +61,7 @@ class FusionClassifier(nn.Module):
         else:
             text = self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
         image = self.encode_image(pixel_values) if self.head.uses_image else None
-        return self.head(text, image)
+        return self.head(self._for_head(text), self._for_head(image))
 
     def train(self, mode: bool = True) -> FusionClassifier:
         """Frozen towers stay in eval mode: their dropout and normalisation statistics are not trained."""
@@ -60,6 +71,56 @@ class FusionClassifier(nn.Module):
                 for name in self.family.tower_modules[tower]:
                     getattr(self.base, name).eval()
         return self
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each encoder layer in the backward pass instead of keeping its activations (non-reentrant).
+
+    Non-reentrant checkpointing hands gradients to LoRA weights inside a layer whether or not the layer's input
+    requires grad, so the input-embedding hook transformers adds for the reentrant kind is removed: it would make
+    autograd run back through frozen layers below the first trainable one. Frozen towers run in eval mode under
+    no_grad, where transformers does not checkpoint.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set "
+                         "`model.gradient_checkpointing=false`.")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
+
+
+def prepare_quantization(backbone: Backbone, cfg: ModelConfig) -> None:
+    """Make the backbone's quantization what `cfg` asks for, and refuse full training of quantized weights.
+
+    A backbone loaded without `quantization=` while the config asks for it is quantized here, in place, with the
+    same layers and skip list (`quantize_linears`); loading it quantized instead avoids the full-precision
+    loading peak.
+    """
+    wanted = cfg.quantization
+    if wanted is not None and backbone.quantization is None:
+        logger.info("quantizing %s after loading (load_backbone(..., quantization=...) would do it while loading)",
+                    backbone.name)
+        quantize_linears(backbone.model, wanted, skip_patterns(backbone.family, wanted))
+        cast_unquantized(backbone.model, TORCH_DTYPES[wanted.compute_dtype if cfg.dtype == "auto" else cfg.dtype])
+        backbone.quantization = wanted
+    if backbone.quantization is None:
+        return
+    names = quantized_modules(backbone.model)
+    for tower in TOWERS:
+        if getattr(cfg, tower).mode == "full" and any(backbone.family.tower_of(n) == tower for n in names):
+            raise QuantizationError(
+                f"`model.{tower}.mode=full` but the {tower} tower of {backbone.name!r} is loaded in "
+                f"{backbone.quantization.bits}-bit, and quantized weights cannot be trained. Use "
+                f"`model.{tower}.mode=lora` (QLoRA) or keep this tower out of `model.quantization.towers`."
+            )
+        if getattr(cfg, tower).mode == "full" and cfg.dtype == "auto":
+            # The unquantized parts load in the compute dtype; weights that train keep float32 master copies.
+            for name in backbone.family.tower_modules[tower]:
+                backbone.model.get_submodule(name).float()
 
 
 def _tokenize(backbone: Backbone, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -104,7 +165,10 @@ def build_classifier(backbone: Backbone, cfg: Config, label_names: list[str], *,
     if len(label_names) < 2:
         raise ValueError(f"A classifier needs at least 2 classes, got {label_names!r}.")
     tower_modes = {tower: getattr(cfg.model, tower).mode for tower in TOWERS}
+    prepare_quantization(backbone, cfg.model)
     peft_model = attach_adapters(backbone, cfg.model)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(backbone.model)
     logit_scale = getattr(backbone.model, "logit_scale", None)
     head = build_head(
         cfg.head, backbone.embed_dims, len(label_names),

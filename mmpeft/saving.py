@@ -95,6 +95,11 @@ def read_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
+def backbone_location(out_dir: str | Path, name: str) -> str:
+    """A merged folder records its own backbone as "." (it holds the weights), wherever it is moved."""
+    return str(out_dir) if name == "." else name
+
+
 def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | torch.device = "cpu",
                  trust_pickle_weights: bool = False) -> FusionClassifier:
     """Rebuild a saved classifier: backbone, stock peft adapter, head and label map.
@@ -110,8 +115,10 @@ def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | 
     manifest = read_manifest(out_dir)
     config: Config = _build(Config, manifest["config"], "")
     recorded = manifest["backbone"]
-    backbone = load_backbone(base or recorded["name"], family=recorded["family"], revision=recorded["revision"],
-                             dtype=config.model.dtype, trust_pickle_weights=trust_pickle_weights)
+    location = base or backbone_location(out_dir, recorded["name"])
+    backbone = load_backbone(location, family=recorded["family"], revision=recorded["revision"],
+                             dtype=config.model.dtype, quantization=config.model.quantization,
+                             device=device, trust_pickle_weights=trust_pickle_weights)
     if backbone.fingerprint != recorded["fingerprint"]:
         raise BackboneError(
             f"The adapter in {out_dir} was trained on {recorded['name']!r} (weights fingerprint "

@@ -21,9 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.tracker=null", "train.mixed_precision=no", "data.num_workers=0"]
 
 
-def launch_two_ranks(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "lora_sentiment.py"), *args]
+def launch_two_ranks(args: list[str], config: str | None = None) -> subprocess.CompletedProcess:
+    """`config`: a file in recipes/accelerate/; default plain DDP."""
+    how = (["--config_file", str(ROOT / "recipes" / "accelerate" / config)] if config else
+           ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"])
+    cmd = ["accelerate", "launch", *how, str(ROOT / "recipes" / "lora_sentiment.py"), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -54,12 +57,14 @@ def test_every_tower_mode_trains_on_two_ranks(tmp_path, tiny_paths, ddp_data, te
     assert metrics["eval"]["num_samples"] == 15  # gather_for_metrics counts each sample exactly once
 
 
-def test_two_ranks_end_where_one_process_with_twice_the_batch_ends(tmp_path, tiny_paths, ddp_data):
+@pytest.mark.parametrize("config", [None, "cpu_fsdp2_two_ranks.yaml"], ids=["ddp", "fsdp2"])
+def test_two_ranks_end_where_one_process_with_twice_the_batch_ends(tmp_path, tiny_paths, ddp_data, config):
     common = [f"model.name={tiny_paths['clip']}", f"data.train={ddp_data['train']}", f"data.eval={ddp_data['eval']}",
               "model.text.lora.dropout=0", "model.vision.lora.dropout=0", "head.dropout=0", "train.epochs=2",
               "train.lr_lora=5e-3", "train.lr_head=5e-3", *QUIET]
-    two = launch_two_ranks([*common, "data.batch_size=4", f"train.output_dir={tmp_path / 'two'}"])
+    two = launch_two_ranks([*common, "data.batch_size=4", f"train.output_dir={tmp_path / 'two'}"], config)
     assert two.returncode == 0, two.stderr[-6000:]
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2
     train(load_config(None, [*common, "data.batch_size=8", f"train.output_dir={tmp_path / 'one'}"]))
     for name in ("adapter_model.safetensors", "head.safetensors"):
         a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)

@@ -89,5 +89,5 @@ def test_every_shipped_accelerate_config_parses_and_names_its_command(path):
 
     config = load_config_from_file(str(path))
     assert config.num_processes >= 1
-    assert path.read_text().startswith(("# accelerate launch --config_file recipes/accelerate/" + path.name,
-                                        "# Node 0: accelerate launch --config_file recipes/accelerate/" + path.name))
+    command = "accelerate launch --config_file recipes/accelerate/" + path.name
+    assert path.read_text().startswith((f"# {command}", f"# Node 0: {command}", f"# ACCELERATE_USE_CPU=1 {command}"))

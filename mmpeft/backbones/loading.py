@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import QuantConfig
+from .quantized import prepare_quantized, quantized_loading_kwargs, resolve_dtype, unquantized_state
 from .registry import BackboneFamily, get_family, resolve_short_name
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class BackboneError(ValueError):
@@ -33,6 +33,7 @@ class Backbone:
     name: str
     revision: str | None
     fingerprint: str
+    quantization: QuantConfig | None = None  # what the loaded towers are quantized with (requested or stored)
 
     @property
     def text_padding(self) -> str:
@@ -47,14 +48,16 @@ class Backbone:
         return self.family.embed_dims(self.model.config)
 
 
-def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 4096,
+                        state: dict[str, torch.Tensor] | None = None) -> str:
     """A short hash of the weights: names, shapes and a strided sample of values, rounded to bf16.
 
     Rounding makes the fingerprint the same whether the backbone is stored in fp32 or bf16; the sample
     keeps it cheap for large models while any re-initialised or other checkpoint still changes it.
+    `state` replaces `model.state_dict()`: a quantized model passes the tensors it was quantized from.
     """
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted((model.state_dict() if state is None else state).items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).to(torch.bfloat16)
@@ -122,7 +125,8 @@ def _weights_error(name: str, location: str, err: OSError, trust_pickle_weights:
 
 
 def load_backbone(name: str, *, family: str | None = None, revision: str | None = None,
-                  dtype: str = "float32", trust_pickle_weights: bool = False) -> Backbone:
+                  dtype: str = "auto", quantization: QuantConfig | None = None,
+                  device: str | torch.device | None = None, trust_pickle_weights: bool = False) -> Backbone:
     """Load a registered family's model, tokenizer and image processor from a Hub id or a local folder.
 
     Weights are read from safetensors only; `trust_pickle_weights` also accepts `pytorch_model.bin`, read with
@@ -138,12 +142,15 @@ def load_backbone(name: str, *, family: str | None = None, revision: str | None 
     except OSError as err:
         raise BackboneError(f"Cannot load a model config from {name!r}: {err}") from None
     spec = get_family(family or config.model_type)
+    # Quantized towers are read and quantized layer by layer; `device` (default: the GPU if any) is where.
+    quant_kwargs = quantized_loading_kwargs(spec, quantization, device) if quantization else {}
+    torch_dtype = resolve_dtype(dtype, quantization)
     named = getattr(config, "transformers_weights", None)  # config.json may name the weights file itself
     if named and not trust_pickle_weights and not named.endswith((".safetensors", ".safetensors.index.json")):
         raise _pickle_refused(name, f"a config.json that names a pickle weights file ({named})")
     try:
         model, info = spec.model_class().from_pretrained(
-            location, revision=revision, dtype=_DTYPES[dtype], output_loading_info=True,
+            location, revision=revision, dtype=torch_dtype, output_loading_info=True, **quant_kwargs,
             use_safetensors=None if trust_pickle_weights else True, weights_only=True,
         )
     except OSError as err:  # no weights file of an accepted kind
@@ -159,6 +166,9 @@ def load_backbone(name: str, *, family: str | None = None, revision: str | None 
     image_processor = AutoImageProcessor.from_pretrained(location, revision=revision)
     model.eval()
     model.requires_grad_(False)
+    loaded_quant = prepare_quantized(model, spec)
+    # The fingerprint names the checkpoint, so a quantized load of it must hash what it was quantized from.
+    state = unquantized_state(model, location, revision) if loaded_quant else None
     return Backbone(
         model=model,
         family=spec,
@@ -166,5 +176,6 @@ def load_backbone(name: str, *, family: str | None = None, revision: str | None 
         image_processor=image_processor,
         name=name,
         revision=revision or getattr(config, "_commit_hash", None),
-        fingerprint=weights_fingerprint(model),
+        fingerprint=weights_fingerprint(model, state=state),
+        quantization=loaded_quant,
     )

@@ -40,6 +40,9 @@ class BackboneFamily:
     text_padding: str  # "longest" (pooling is exact under padding) or "max_length" (it is not)
     max_text_length: Callable[[object], int]
     unused_in_full: str | None = None  # regex of tower parameters that classification never uses
+    # Anchored regexes of linear layers kept out of 4/8-bit quantization (a pattern covers the module and all
+    # below it); each family says which measured quality loss justifies its list (benchmarks/quant_skips.py).
+    quant_skip: tuple[str, ...] = ()
     description: str = ""
     example: str = ""
 

@@ -1,0 +1,181 @@
+"""Fold a trained adapter into its backbone: a standalone transformers folder plus the head.
+
+A quantized (QLoRA) backbone is dequantized first, the adapter merged in full precision, and the result
+optionally re-quantized. Merging straight into 4-bit or 8-bit weights is refused: the LoRA update is far smaller
+than one quantization step, so rounding the sum back to 4 bits throws most of it away.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from .backbones import load_backbone
+from .config import Config, QuantConfig
+from .inference import encode_batch
+from .model import FusionClassifier, build_classifier
+from .quant import TORCH_DTYPES, dequantize_linears, quantized_modules
+from .saving import HEAD_WEIGHTS, load_adapter, read_manifest, save_adapter
+
+REPORT = "merge_report.json"
+PROBE_TEXTS = ["a photo of a cat", "a red car parked on a wet street", "two dogs playing in the snow",
+               "an empty room", "what a lovely day", "this is the worst film I have seen"]
+
+
+class MergeError(ValueError):
+    """A merge that would silently damage the model."""
+
+
+def merge_adapter(peft_model: nn.Module) -> nn.Module:
+    """peft's `merge_and_unload`, refused when the adapter sits on quantized weights."""
+    quantized = quantized_modules(peft_model)
+    if quantized:
+        raise MergeError(
+            f"Refusing to merge LoRA into quantized weights ({len(quantized)} bitsandbytes layers, e.g. "
+            f"{quantized[0]}). peft would dequantize each weight, add the LoRA update and round the sum back to "
+            "4/8 bits; the update is much smaller than one quantization step, so most of what training learned "
+            "is rounded away. Dequantize first: `mmpeft merge OUT_DIR --to MERGED_DIR` does (dequantize, merge in "
+            "full precision, and `--requantize` to quantize the merged weights again)."
+        )
+    if not hasattr(peft_model, "merge_and_unload"):
+        return peft_model  # no adapter: every tower was frozen
+    return peft_model.merge_and_unload()
+
+
+def to_full_precision(model: FusionClassifier) -> None:
+    """Dequantize a QLoRA classifier's base weights and put every parameter in float32, adapter kept unmerged.
+
+    peft's quantized LoRA layers only work on bitsandbytes weights, so the adapter is taken off, the base
+    dequantized, and the same adapter (config and weights) put back on the float32 base.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    peft_model = model.backbone
+    if hasattr(peft_model, "peft_config"):
+        config = copy.deepcopy(peft_model.peft_config["default"])
+        state = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        base = peft_model.unload()
+        dequantize_linears(base, torch.float32)
+        base.float()
+        peft_model = get_peft_model(base, config)
+        set_peft_model_state_dict(peft_model, state)
+    else:
+        dequantize_linears(peft_model, torch.float32)
+        peft_model.float()
+    model.backbone = peft_model
+    model.float()
+
+
+def probe_batch(model: FusionClassifier, n: int = 6) -> dict[str, torch.Tensor]:
+    """Fixed texts and seeded noise images: the inputs both sides of a merge are compared on."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+    return encode_batch(model, images, PROBE_TEXTS[:n])
+
+
+@torch.no_grad()
+def _logits(model: FusionClassifier, batch: dict) -> torch.Tensor:
+    model.eval()
+    return model(**batch).float().cpu()
+
+
+def _merged_config(config: Config, dtype: str) -> Config:
+    """The recorded config of a merged folder: its own weights, nothing left to adapt."""
+    merged = copy.deepcopy(config)
+    merged.model.name = "."
+    merged.model.revision = None
+    merged.model.dtype = dtype
+    merged.model.quantization = None  # a re-quantized folder carries its quantization in config.json
+    merged.model.gradient_checkpointing = False
+    merged.model.text.mode = merged.model.vision.mode = "frozen"
+    return merged
+
+
+def _classifier_from(folder: Path, config: Config, label_names: list[str], head_state: dict,
+                     quantization: QuantConfig | None = None) -> FusionClassifier:
+    backbone = load_backbone(str(folder), dtype=config.model.dtype, quantization=quantization)
+    classifier = build_classifier(backbone, config, label_names)
+    # A prompt head over a text tower that trained re-encoded its prompts every step; merged, the tower is
+    # frozen and the class embeddings are encoded once from it (which build_classifier just did).
+    result = classifier.head.load_state_dict(head_state, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - {"class_embeds"}:
+        raise MergeError(f"The saved head does not fit the merged classifier: {result}.")
+    classifier.source, classifier.config = backbone, config
+    return classifier
+
+
+def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = False, dtype: str = "float32",
+          overwrite: bool = False) -> dict:
+    """Merge the adapter in `out_dir` into its backbone and write a standalone folder to `merged_dir`.
+
+    The folder loads with stock transformers (`CLIPModel.from_pretrained`, `pipeline(...)`: weights, config,
+    tokenizer and image processor) and with `mmpeft.load_adapter` (head, label map). Returns the report also
+    written to `merged_dir/merge_report.json`: the largest logit difference against the unmerged model computed
+    in float32, after the full-precision merge and, with `requantize`, after quantizing again.
+    """
+    out_dir, merged_dir = Path(out_dir), Path(merged_dir)
+    if merged_dir.exists() and any(merged_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{merged_dir} is not empty; choose another folder or pass --overwrite.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
+    manifest = read_manifest(out_dir)
+    model = load_adapter(out_dir)
+    source, config = model.source, model.config
+    quant = source.quantization
+    if requantize and quant is None:
+        raise ValueError(f"--requantize: the adapter in {out_dir} was not trained on a quantized backbone; there "
+                         "is no quantization to restore.")
+    batch = probe_batch(model)
+    report: dict = {"source": str(out_dir), "backbone": manifest["backbone"], "dtype": dtype,
+                    "quantization": dataclasses.asdict(quant) if quant else None, "probe_examples": len(batch["input_ids"])}
+    as_trained = _logits(model, batch)
+    to_full_precision(model)
+    reference = _logits(model, batch)  # the unmerged model, same weights, float32 arithmetic
+    if quant:
+        report["max_abs_diff_dequantized_vs_as_trained"] = float((reference - as_trained).abs().max())
+    merged_base = merge_adapter(model.backbone)
+    merged_config = _merged_config(config, dtype if not requantize else quant.compute_dtype)
+    head_state = load_file(out_dir / HEAD_WEIGHTS)
+
+    merged_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=merged_dir.parent, prefix=f".{merged_dir.name}-merging-"))
+    try:
+        full = staging / "full"
+        merged_base.to(TORCH_DTYPES[dtype])
+        merged_base.config.dtype = TORCH_DTYPES[dtype]
+        merged_base.save_pretrained(full)
+        source.tokenizer.save_pretrained(full)
+        source.image_processor.save_pretrained(full)
+        full_config = _merged_config(config, dtype)
+        merged = _classifier_from(full, full_config, model.label_names, head_state)
+        report["max_abs_diff_full_precision"] = float((_logits(merged, batch) - reference).abs().max())
+        final, final_config = full, full_config
+        if requantize:
+            quantized = _classifier_from(full, merged_config, model.label_names, head_state, quantization=quant)
+            report["max_abs_diff_requantized"] = float((_logits(quantized, batch) - reference).abs().max())
+            final = staging / "requantized"
+            quantized.base.save_pretrained(final)
+            source.tokenizer.save_pretrained(final)
+            source.image_processor.save_pretrained(final)
+            final_config = merged_config
+        # Record the fingerprint the folder will be loaded with (a pre-quantized checkpoint hashes its files).
+        check = _classifier_from(final, final_config, model.label_names, head_state) if requantize else merged
+        save_adapter(check, final, final_config, backbone_name=".", backbone_revision=None,
+                     fingerprint=check.source.fingerprint)
+        (final / REPORT).write_text(json.dumps(report, indent=2))
+        if merged_dir.exists():
+            shutil.rmtree(merged_dir)
+        final.rename(merged_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
