@@ -73,3 +73,15 @@ def test_two_ranks_end_where_one_process_with_twice_the_batch_ends(tmp_path, tin
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=f"{name}:{key}")
     moved = load_file(tmp_path / "one" / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in moved.items() if "lora_B" in k), "LoRA did not train at all"
+
+
+def test_fsdp2_trains_a_4bit_backbone_on_two_ranks(tmp_path, tiny_paths, ddp_data):
+    """QLoRA under FSDP: packed 4-bit weights are stored in the compute dtype so FSDP can flatten them."""
+    out = tmp_path / "fsdp-qlora"
+    run = launch_two_ranks([f"model.name={tiny_paths['clip']}", "model.quantization.bits=4",
+                            f"data.train={ddp_data['train']}", f"data.eval={ddp_data['eval']}", "data.batch_size=4",
+                            "train.max_steps=2", f"train.output_dir={out}", *QUIET], "cpu_fsdp2_two_ranks.yaml")
+    assert run.returncode == 0, run.stderr[-6000:]
+    manifest = json.loads((out / "mmpeft.json").read_text())
+    assert manifest["config"]["model"]["quantization"]["bits"] == 4
+    assert json.loads((out / "metrics.json").read_text())["num_processes"] == 2
