@@ -82,6 +82,31 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    report = merge(args.out_dir, args.to, requantize=args.requantize, dtype=args.dtype, overwrite=args.overwrite)
+    for key in ("max_abs_diff_full_precision", "max_abs_diff_requantized", "max_abs_diff_dequantized_vs_as_trained"):
+        if key in report:
+            print(f"{key.removeprefix('max_abs_diff_').replace('_', ' ')}: largest logit difference "
+                  f"{report[key]:.3g}")
+    print(f"merged model written to {args.to} (loads with transformers' from_pretrained; head and labels with "
+          f"mmpeft.load_adapter); report in {args.to}/merge_report.json")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan, plan
+
+    estimates = plan(args.model, bits=args.bits, batch=args.batch, text_tokens=args.tokens,
+                     gradient_checkpointing=args.grad_checkpointing, optimizer=args.optimizer, device=args.device)
+    print(f"{args.model}, batch {args.batch}, {estimates[0].parts['text_tokens']} text tokens, gradient "
+          f"checkpointing {'on' if args.grad_checkpointing else 'off'}, optimizer {args.optimizer} "
+          f"(estimated peak on {args.device})")
+    print(format_plan(estimates, device=args.device, bits=args.bits))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpeft", description="Fine-tune vision-language dual encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list supported backbone families and short names")
     p.set_defaults(func=_backbones)
+
+    p = sub.add_parser("merge", help="fold a trained adapter into its backbone: a standalone transformers folder")
+    p.add_argument("out_dir", help="output folder of a training run")
+    p.add_argument("--to", required=True, help="folder for the merged model (weights, tokenizer, processor, head)")
+    p.add_argument("--requantize", action="store_true",
+                   help="quantize the merged weights again as in training (QLoRA runs); the report says the cost")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the merged weights (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
+    p.set_defaults(func=_merge)
+
+    p = sub.add_parser("plan", help="estimate peak memory of full / LoRA / QLoRA and which GPUs fit")
+    p.add_argument("--model", required=True, help="Hub id, local folder or known name (e.g. openai/clip-vit-base-patch16)")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="QLoRA bits")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokens", type=int, help="text tokens per example (default: the family's length, at most 77)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cuda: tensor memory plus CUDA context; cpu: resident set with the imported libraries")
+    p.set_defaults(func=_plan)
     return parser
 
 

@@ -1,0 +1,98 @@
+"""`mmpeft merge`: adapters folded into the backbone, a folder stock transformers loads, quantized bases
+dequantized first (tight tolerance) and optionally re-quantized (reported), naive 4-bit merges refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mmpeft import build_classifier, load_adapter, load_backbone, load_config, save_adapter
+from mmpeft.cli import main
+from mmpeft.merge import MergeError, merge, merge_adapter, probe_batch
+
+NO_DROPOUT = ["model.text.lora.dropout=0.0", "model.vision.lora.dropout=0.0", "head.dropout=0.0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _saved_run(path, out, *extra):
+    """A classifier with non-zero LoRA updates saved the way training saves it (no training needed)."""
+    cfg = load_config(None, [f"model.name={path}", *NO_DROPOUT, *extra])
+    backbone = load_backbone(cfg.model.name, dtype=cfg.model.dtype, quantization=cfg.model.quantization)
+    torch.manual_seed(0)
+    model = build_classifier(backbone, cfg, ["negative", "neutral", "positive"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    save_adapter(model, out, cfg, backbone_name=cfg.model.name, backbone_revision=None,
+                 fingerprint=backbone.fingerprint)
+    model.source, model.config = backbone, cfg  # as load_adapter sets them, for probe_batch
+    return model
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "blip"])
+def test_qlora_merge_dequantizes_and_matches(tiny_paths, tmp_path, family):
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _saved_run(tiny_paths[family], tmp_path / "run", "model.quantization={bits: 4}")
+    with pytest.raises(MergeError, match=r"Refusing to merge LoRA into quantized weights.*Dequantize first"):
+        merge_adapter(model.backbone)
+
+    report = merge(tmp_path / "run", tmp_path / "merged", requantize=family == "clip")
+    assert report["max_abs_diff_full_precision"] < 1e-4  # the merge itself, in float32
+    assert json.loads((tmp_path / "merged" / "merge_report.json").read_text()) == report
+    merged = load_adapter(tmp_path / "merged")  # head + labels, backbone recorded as the folder itself
+    assert merged.tower_modes == {"text": "frozen", "vision": "frozen"}
+    assert merged.label_names == ["negative", "neutral", "positive"]
+    if family == "clip":
+        assert report["max_abs_diff_requantized"] > report["max_abs_diff_full_precision"]
+        layers = [m for m in merged.base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers, "the re-quantized folder should load in 4-bit"
+        config = json.loads((tmp_path / "merged" / "config.json").read_text())
+        assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    else:
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.base.modules())
+
+
+def test_merged_folder_loads_in_stock_transformers(tiny_paths, tmp_path):
+    from transformers import CLIPModel, pipeline
+
+    model = _saved_run(tiny_paths["clip"], tmp_path / "run", "model.text.mode=lora", "model.vision.mode=full")
+    report = merge(tmp_path / "run", tmp_path / "merged")
+    assert report["max_abs_diff_full_precision"] < 1e-5
+    stock = CLIPModel.from_pretrained(tmp_path / "merged").eval()
+    batch = probe_batch(model, 4)
+    model.eval()
+    with torch.no_grad():
+        out = stock.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        features = getattr(out, "pooler_output", out)  # transformers 5 returns an output object
+        expected = model.encode_text(batch["input_ids"], batch["attention_mask"]).pooled
+        torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    classify = pipeline("zero-shot-image-classification", model=str(tmp_path / "merged"))
+    scores = classify(Image.new("RGB", (40, 40), (200, 30, 30)), candidate_labels=["cat", "dog"])
+    assert {s["label"] for s in scores} == {"cat", "dog"} and abs(sum(s["score"] for s in scores) - 1) < 1e-4
+    merged = load_adapter(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch), model(**batch), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_cli_and_its_refusals(tiny_paths, tmp_path, capsys):
+    _saved_run(tiny_paths["clip"], tmp_path / "run")
+    assert main(["merge", str(tmp_path / "run"), "--to", str(tmp_path / "merged"), "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "full precision: largest logit difference" in out and "merged model written" in out
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
+    assert main(["merge", str(tmp_path / "run"), "--to", str(tmp_path / "merged")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "run"), "--to", str(tmp_path / "again"), "--requantize"]) == 2
+    assert "was not trained on a quantized backbone" in capsys.readouterr().err
