@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 
@@ -82,6 +83,7 @@ def attach_adapters(backbone: Backbone, cfg: ModelConfig) -> nn.Module:
         model = get_peft_model(backbone.model, lora_config)
     except ValueError as err:
         raise ValueError(f"peft could not attach the adapter to {backbone.name!r}: {err}") from None
+    pin_mha_base_weights(model)
     unused = backbone.family.unused_in_full
     if unused:
         # Full towers must not carry parameters that never get a gradient (dead weights, DDP errors).
@@ -96,6 +98,50 @@ def attach_adapters(backbone: Backbone, cfg: ModelConfig) -> nn.Module:
             raise ValueError(f"`model.{tower}.mode=lora` but no module of {backbone.name!r} matches the {tower} "
                              f"target regex; check `model.{tower}.lora.targets`.")
     return model
+
+
+def pin_mha_base_weights(model: nn.Module) -> int:
+    """Keep the frozen weights of LoRA'd `nn.MultiheadAttention` layers exact; returns how many layers it guards.
+
+    peft's LoRA on nn.MultiheadAttention adds the update into the base weights before every forward and subtracts
+    it afterwards, re-registering `in_proj_weight` and `out_proj.weight` each time. (W + d) - d is not W in floating
+    point: the frozen weights drift with every forward, training and evaluation alike (bf16 open_clip ViT: 13 % of a
+    layer's weights changed after 20 evaluation passes, by up to 12 %). Each forward here ends with the original
+    parameter objects put back, so the base stays bit-exact and the parameters keep their identity.
+    """
+    from peft.tuners.lora.layer import MultiheadAttention
+
+    layers = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if layers and backend not in ("no", ""):
+        raise ValueError(
+            f"LoRA on nn.MultiheadAttention (open_clip towers) cannot be compiled: peft swaps the layer's weights "
+            f"inside forward, which torch.compile rejects ('set_ on a graph input'), but accelerate was launched with "
+            f"dynamo_backend={backend}. Launch without `--dynamo_backend` (or `dynamo_backend: 'NO'`), or set the "
+            "open_clip towers to `frozen` or `full`.")
+    for layer in layers:
+        layer.register_forward_pre_hook(_stash_mha_weights)
+        layer.register_forward_hook(_restore_mha_weights, always_call=True)
+    return len(layers)
+
+
+def _mha_weight_owners(layer: nn.Module) -> tuple[tuple[nn.Module, str], tuple[nn.Module, str]]:
+    base = layer.get_base_layer()
+    return (base, "in_proj_weight"), (base.out_proj.get_base_layer(), "weight")
+
+
+def _stash_mha_weights(layer: nn.Module, args) -> None:
+    layer.__dict__["_pinned_weights"] = [owner._parameters[name] for owner, name in _mha_weight_owners(layer)]
+
+
+def _restore_mha_weights(layer: nn.Module, args, output) -> None:
+    pinned = layer.__dict__.pop("_pinned_weights", None)
+    if pinned is None:
+        return
+    for (owner, name), param in zip(_mha_weight_owners(layer), pinned):
+        if owner._parameters.get(name) is not param:
+            delattr(owner, name)
+            owner.register_parameter(name, param)
 
 
 def lora_module_names(model: nn.Module) -> list[str]:

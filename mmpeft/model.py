@@ -64,12 +64,15 @@ class FusionClassifier(nn.Module):
         return self.head(self._for_head(text), self._for_head(image))
 
     def train(self, mode: bool = True) -> FusionClassifier:
-        """Frozen towers stay in eval mode: their dropout and normalisation statistics are not trained."""
+        """Frozen towers stay in eval mode: their dropout and normalisation statistics are not trained. So do the
+        BatchNorm layers of LoRA towers: running statistics are buffers, which a LoRA adapter file does not hold."""
         super().train(mode)
         for tower in TOWERS:
-            if self.tower_modes[tower] == "frozen":
+            if self.tower_modes[tower] in ("frozen", "lora"):
                 for name in self.family.tower_modules[tower]:
-                    getattr(self.base, name).eval()
+                    for module in getattr(self.base, name).modules():
+                        if self.tower_modes[tower] == "frozen" or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()
         return self
 
 

@@ -57,3 +57,91 @@ def sixteen_examples(tmp_path) -> Path:
         color = (220, shade, 30) if label == "cat" else (30, shade, 220)
         rows.append({"text": f"a photo of a {label} number {i}", "label": label, "color": color})
     return write_manifest(tmp_path / "data", rows)
+
+
+# --- open_clip and dual-encoder backbones (tests/test_open_clip.py, tests/test_dual.py) --------------------------
+
+TINY_OPEN_CLIP = {"embed_dim": 16, "quick_gelu": True,
+                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory) -> str:
+    """`open_clip:<config json>@<safetensors>`: a tiny ViT CLIP saved in open_clip's classic CLIP layout."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny-open-clip")
+    config = folder / "tiny-oc-vit.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-oc-vit", pretrained=None)  # open_clip.CLIP: text parts at the top level
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return f"open_clip:{config}@{folder / 'open_clip_model.safetensors'}"
+
+
+def _tiny_bert(folder: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers as tf
+
+    from mmpeft.backbones.tiny import _blip_wordpiece_tokenizer
+
+    tokenizer = _blip_wordpiece_tokenizer(max_length=64)
+    torch.manual_seed(seed)
+    config = tf.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    tf.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _tiny_hf_vision(folder: Path, kind: str) -> Path:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "vit":
+        model = tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64))
+        processor = tf.ViTImageProcessor(size={"height": 32, "width": 32})
+    else:  # a ResNet-50-shaped transformers ResNet, small: the shipped BERT + ResNet-50 recipe's vision tower
+        model = tf.ResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[16, 16, 32, 32], depths=[1, 1, 1, 2],
+                                               layer_type="bottleneck"))
+        processor = tf.ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=1.0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dual(tmp_path_factory) -> dict[str, str]:
+    """Dual-encoder names over tiny checkpoints: a BERT text tower with a torchvision ResNet-18 (BasicBlock,
+    BatchNorm), a transformers ViT, a transformers bottleneck ResNet, or a timm ResNet."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("tiny-dual")
+    bert = _tiny_bert(root / "bert")
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(num_classes=10)
+    save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, root / "resnet18.safetensors")
+    import timm
+
+    torch.manual_seed(0)
+    timm_resnet = timm.create_model("resnet10t", num_classes=0)
+    for module in timm_resnet.modules():  # timm zero-initialises each block's last BatchNorm scale: undo it so
+        if isinstance(module, torch.nn.BatchNorm2d):  # that LoRA on the block's convolutions gets a gradient
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    save_file({k: v.contiguous() for k, v in timm_resnet.state_dict().items()}, root / "resnet10t.safetensors")
+    vit = _tiny_hf_vision(root / "vit", "vit")
+    hf_resnet = _tiny_hf_vision(root / "hf-resnet", "resnet")
+    return {
+        "torchvision": f"dual:text={bert},vision=torchvision:resnet18@{root / 'resnet18.safetensors'},image_size=32",
+        "vit": f"dual:text={bert},vision={vit},pooling=mean",
+        "hf-resnet": f"dual:text={bert},vision={hf_resnet}",
+        "timm": f"dual:text={bert},vision=timm:resnet10t@{root / 'resnet10t.safetensors'},image_size=32",
+    }

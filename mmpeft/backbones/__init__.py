@@ -1,6 +1,7 @@
-"""Backbone families (CLIP, SigLIP, BLIP), their registry and the loader."""
+"""Backbone families (CLIP, SigLIP, BLIP, open_clip, dual encoders), their registry and the loader."""
 
 from . import families  # noqa: F401  (registers the transformers families)
+from . import dual, openclip, packaged  # noqa: F401  (register open_clip, dual encoders, packaged checkpoints)
 from .embedded import EMBEDDED_BACKBONE  # noqa: F401  (registers the offline short names)
 from .loading import Backbone, BackboneError, load_backbone, weights_fingerprint
 from .registry import (

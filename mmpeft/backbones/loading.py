@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from .quantized import prepare_quantized, quantized_loading_kwargs, resolve_dtype, unquantized_state
-from .registry import BackboneFamily, get_family, resolve_short_name
+from .registry import BackboneFamily, family_for_name, get_family, resolve_short_name
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,12 @@ def load_backbone(name: str, *, family: str | None = None, revision: str | None 
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
+    own = family_for_name(name)  # `open_clip:...`, `dual:...`: families that bring their own loader
+    if own is not None:
+        from .custom import load_with_hook
+
+        return load_with_hook(own, name, revision=revision, dtype=dtype, quantization=quantization, device=device,
+                              trust_pickle_weights=trust_pickle_weights)
     location = resolve_model_name(name)
     if Path(location).expanduser().exists():
         location = str(Path(location).expanduser())

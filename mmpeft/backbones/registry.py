@@ -45,6 +45,10 @@ class BackboneFamily:
     quant_skip: tuple[str, ...] = ()
     description: str = ""
     example: str = ""
+    # Families that transformers does not load name themselves as `<family name>:<spec>` and bring a loader:
+    # (spec, torch_dtype=, revision=, trust_pickle_weights=) -> (model, tokenizer, image_processor, loading info).
+    # The model carries a `config` that `num_layers`, `embed_dims` and `max_text_length` read. None: from_pretrained.
+    load: Callable[..., tuple] | None = None
 
     def __post_init__(self) -> None:
         if set(self.tower_modules) != set(TOWERS) or set(self.lora_targets) != set(TOWERS):
@@ -81,6 +85,13 @@ def register_short_name(name: str, resolve: Callable[[], str]) -> None:
     if name in _SHORT_NAMES:
         raise ValueError(f"Short backbone name {name!r} is already registered.")
     _SHORT_NAMES[name] = resolve
+
+
+def family_for_name(name: str) -> BackboneFamily | None:
+    """The family a `<family>:<spec>` name belongs to, for families with their own loader; None otherwise."""
+    scheme, sep, _ = name.partition(":")
+    family = _FAMILIES.get(scheme) if sep else None
+    return family if family is not None and family.load is not None else None
 
 
 def resolve_short_name(name: str) -> str | None:
