@@ -57,7 +57,9 @@ def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 4096,
     `state` replaces `model.state_dict()`: a quantized model passes the tensors it was quantized from.
     """
     digest = hashlib.sha256()
-    for name, tensor in sorted((model.state_dict() if state is None else state).items()):
+    tensors = model.state_dict() if state is None else state
+    for name in sorted(tensors):
+        tensor = tensors[name]  # one at a time: a quantized model's `state` reads them from the checkpoint
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::step][:samples_per_tensor].to("cpu", torch.float32).to(torch.bfloat16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -76,36 +77,54 @@ def _checkpoint_files(location: str, revision: str | None) -> list[str]:
     return [single] if single else []
 
 
-def unquantized_state(model: nn.Module, location: str, revision: str | None) -> dict[str, torch.Tensor]:
+class _CheckpointState(Mapping):
+    """name -> tensor, each read when asked for: a quantized weight from the checkpoint file, anything else from
+    the model; nothing is kept, so hashing a model this way costs one tensor of memory at a time."""
+
+    def __init__(self, model: nn.Module, location: str, revision: str | None):
+        from safetensors import safe_open
+
+        self.quantized = {name: model.get_submodule(name) for name in quantized_modules(model)}
+        self.model_state = model.state_dict()
+        self.handles = {}
+        for path in _checkpoint_files(location, revision):
+            handle = safe_open(path, framework="pt")
+            self.handles.update({key: handle for key in handle.keys()})
+        self.location = location
+        self.keys_ = []
+        for key in self.model_state:
+            owner = self._owner(key)
+            # an unquantized model has a weight and a bias here, no quantization state (absmax, SCB, ...)
+            if owner is None or key[len(owner) + 1:] in ("weight", "bias"):
+                self.keys_.append(key)
+
+    def _owner(self, key: str) -> str | None:
+        return next((q for q in self.quantized if key.startswith(q + ".")), None)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        owner = self._owner(key)
+        if owner is None or key != owner + ".weight":
+            return self.model_state[key]
+        if key in self.handles:
+            return self.handles[key].get_tensor(key)
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        logger.warning("%s: %s is not in a safetensors file; fingerprinting its dequantized value, which differs "
+                       "from an unquantized load of the same checkpoint.", self.location, key)
+        module = self.quantized[owner]
+        return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def unquantized_state(model: nn.Module, location: str, revision: str | None) -> Mapping[str, torch.Tensor]:
     """The state dict the same checkpoint would give loaded without quantization: each quantized weight is read
-    back from the checkpoint file, every other tensor is the model's own (only its dtype may differ).
+    back from the checkpoint file (lazily), every other tensor is the model's own (only its dtype may differ).
 
     Falls back to dequantized weights, with a warning, when the checkpoint is not in safetensors.
     """
-    from peft.utils.integrations import dequantize_bnb_weight
-    from safetensors import safe_open
-
-    quantized = {name: model.get_submodule(name) for name in quantized_modules(model)}
-    handles = {}
-    for path in _checkpoint_files(location, revision):
-        handle = safe_open(path, framework="pt")
-        handles.update({key: handle for key in handle.keys()})
-    state = {}
-    for key, tensor in model.state_dict().items():
-        owner = next((q for q in quantized if key.startswith(q + ".")), None)
-        if owner is None:
-            state[key] = tensor
-            continue
-        leaf = key[len(owner) + 1:]
-        if leaf == "bias":
-            state[key] = tensor
-        elif leaf == "weight":
-            if key in handles:
-                state[key] = handles[key].get_tensor(key)
-            else:
-                logger.warning("%s: %s is not in a safetensors file; fingerprinting its dequantized value, which "
-                               "differs from an unquantized load of the same checkpoint.", location, key)
-                module = quantized[owner]
-                state[key] = dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
-        # other leaves (absmax, quant_map, SCB, ...) are quantization state: an unquantized model has none
-    return state
+    return _CheckpointState(model, location, revision)
