@@ -56,7 +56,7 @@ class DualEncoder(nn.Module):
 def parse_dual_spec(spec: str) -> dict[str, str | int | None]:
     """`text=...,vision=...[,pooling=...][,image_size=...]` -> a dict; every problem reported at once."""
     fields, problems = {}, []
-    for part in re.split(rf",(?=(?:{'|'.join(KEYS)})=)", spec):
+    for part in re.split(r",(?=[A-Za-z_]+=)", spec):
         key, sep, value = part.partition("=")
         if not sep or key not in KEYS:
             problems.append(f"{part!r} is not one of {', '.join(k + '=...' for k in KEYS)}")

