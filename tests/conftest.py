@@ -20,6 +20,17 @@ def _isolated_cache(tmp_path_factory):
     os.environ["MMPEFT_CACHE"] = str(tmp_path_factory.mktemp("mmpeft-cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spinning costs 10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory) -> dict[str, Path]:
     """family -> folder of a tiny randomly initialised checkpoint (seed 0)."""

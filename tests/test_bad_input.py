@@ -23,13 +23,6 @@ FAST = ["train.progress=false", "train.tracker=null", "train.mixed_precision=no"
         "train.max_steps=2", "data.batch_size=4", "head.hidden=8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spinning costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- bad files, made for real

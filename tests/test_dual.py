@@ -26,12 +26,6 @@ VISION_LORA = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _classifier(name, cfg, labels=("negative", "positive")):

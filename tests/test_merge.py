@@ -16,12 +16,6 @@ from mmpeft.merge import MergeError, merge, merge_adapter, probe_batch
 NO_DROPOUT = ["model.text.lora.dropout=0.0", "model.vision.lora.dropout=0.0", "head.dropout=0.0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _saved_run(path, out, *extra):

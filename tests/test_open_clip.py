@@ -20,12 +20,6 @@ from test_adapters import (TOWER_COMBOS, _assert_grads, _batch, _config, _head_t
 TEXTS = ["a photo of a cat", "What a LOVELY day!!  really", "two dogs & a ball, 3 cats"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _parts(name: str) -> tuple[str, str]:

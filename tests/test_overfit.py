@@ -17,13 +17,6 @@ OVERFIT = ["train.lr_lora=5e-3", "train.lr_head=1e-2", "train.epochs=10", "data.
            "train.warmup_ratio=0", "head.type=concat", "head.hidden=0", "train.metric_for_best=loss"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spinning costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

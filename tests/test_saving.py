@@ -25,13 +25,6 @@ METRIC_KEYS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "weigh
                "weighted_f1", "loss", "per_class", "confusion_matrix", "num_samples")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spinning costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def rows16(flip: bool = False) -> list[dict]:
