@@ -20,10 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .loading import BackboneError, resolve_model_name
+from .loading import BackboneError
 from .presets import TEXT_PRESETS, VISION_PRESETS, count_layers, tower_pattern
 from .registry import BackboneFamily, TowerOutput, register_backbone
-from .vision_towers import load_transformers_model, load_vision_tower, parse_library_spec, vision_features
+from .vision_towers import (
+    load_transformers_model,
+    load_vision_tower,
+    parse_library_spec,
+    transformers_encoder_class,
+    vision_features,
+)
 
 KEYS = ("text", "vision", "pooling", "image_size")
 POOLING = ("cls", "mean")
@@ -88,20 +94,10 @@ def _read_json(location: str, filename: str, revision: str | None) -> dict:
 
 def _text_tower(location: str, torch_dtype: torch.dtype, revision: str | None, trust_pickle_weights: bool):
     """A transformers text encoder with its tokenizer, its default pooling and its usable length."""
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers import AutoTokenizer
 
-    location = resolve_model_name(location)
-    if Path(location).expanduser().exists():
-        location = str(Path(location).expanduser())
-    try:
-        config = AutoConfig.from_pretrained(location, revision=revision)
-    except OSError as err:
-        raise BackboneError(f"Cannot load a text model config from {location!r}: {err}") from None
-    model_class = MODEL_MAPPING.get(type(config), None)
-    if model_class is None or getattr(model_class, "main_input_name", None) != "input_ids":
-        raise BackboneError(f"{location!r} ({config.model_type}) is not a transformers text encoder (BERT, RoBERTa, "
-                            "DeBERTa, MiniLM, ...).")
+    location, config, model_class = transformers_encoder_class(location, revision, "input_ids", "text",
+                                                               "BERT, RoBERTa, DeBERTa, MiniLM, ...")
     model, info = load_transformers_model(model_class, location, revision, torch_dtype, trust_pickle_weights,
                                           "text_model.")
     tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)

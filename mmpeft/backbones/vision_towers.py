@@ -82,8 +82,9 @@ def _timm_processor(model: nn.Module, image_size: int | None) -> TransformProces
     return TransformProcessor(timm.data.create_transform(**config, is_training=False))
 
 
-def _transformers_tower(location: str, torch_dtype, revision, trust_pickle_weights, image_size):
-    from transformers import AutoConfig, AutoImageProcessor
+def transformers_encoder_class(location: str, revision: str | None, input_name: str, kind: str, examples: str):
+    """(location, config, model class) of a transformers encoder whose input is `input_name`, or a clear error."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     location = resolve_model_name(location)
@@ -92,11 +93,19 @@ def _transformers_tower(location: str, torch_dtype, revision, trust_pickle_weigh
     try:
         config = AutoConfig.from_pretrained(location, revision=revision)
     except OSError as err:
-        raise BackboneError(f"Cannot load a vision model config from {location!r}: {err}") from None
+        raise BackboneError(f"Cannot load a {kind} model config from {location!r}: {err}") from None
     model_class = MODEL_MAPPING.get(type(config), None)
-    if model_class is None or getattr(model_class, "main_input_name", None) != "pixel_values":
-        raise BackboneError(f"{location!r} ({config.model_type}) is not a transformers image encoder (a model whose "
-                            "input is pixel_values, e.g. ViT, ConvNeXt, ResNet, DINOv2).")
+    if model_class is None or getattr(model_class, "main_input_name", None) != input_name:
+        raise BackboneError(f"{location!r} ({config.model_type}) is not a transformers {kind} encoder ({examples}).")
+    return location, config, model_class
+
+
+def _transformers_tower(location: str, torch_dtype, revision, trust_pickle_weights, image_size):
+    from transformers import AutoImageProcessor
+
+    location, config, model_class = transformers_encoder_class(
+        location, revision, "pixel_values", "image",
+        "a model whose input is pixel_values, e.g. ViT, ConvNeXt, ResNet, DINOv2")
     if image_size:
         raise BackboneError(f"{location!r}: `image_size` applies to torchvision and timm towers; a transformers "
                             "tower uses its own image processor.")
