@@ -2,7 +2,8 @@
 
 from .adapters import attach_adapters, build_lora_config, lora_module_names, tower_targets, trainable_report
 from .backbones import Backbone, BackboneError, BackboneFamily, get_family, list_backbones, load_backbone
-from .config import Config, DataConfig, HeadConfig, LoraSettings, ModelConfig, TowerConfig, TrainConfig, load_config
+from .config import (Config, DataConfig, HeadConfig, LoraSettings, ModelConfig, QuantConfig, TowerConfig, TrainConfig,
+                     load_config)
 from .data import DataError, read_split, write_synthetic_sentiment
 from .data.loaders import build_dataloaders
 from .evaluation import evaluate, predict_logits
@@ -25,6 +26,7 @@ __all__ = [
     "HeadConfig",
     "LoraSettings",
     "ModelConfig",
+    "QuantConfig",
     "TowerConfig",
     "TrainConfig",
     "attach_adapters",

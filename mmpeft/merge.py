@@ -144,7 +144,6 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
     if quant:
         report["max_abs_diff_dequantized_vs_as_trained"] = float((reference - as_trained).abs().max())
     merged_base = merge_adapter(model.backbone)
-    merged_config = _merged_config(config, dtype if not requantize else quant.compute_dtype)
     head_state = load_file(out_dir / HEAD_WEIGHTS)
 
     merged_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +160,7 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
         report["max_abs_diff_full_precision"] = float((_logits(merged, batch) - reference).abs().max())
         final, final_config = full, full_config
         if requantize:
+            merged_config = _merged_config(config, quant.compute_dtype)  # the other parts as in training
             quantized = _classifier_from(full, merged_config, model.label_names, head_state, quantization=quant)
             report["max_abs_diff_requantized"] = float((_logits(quantized, batch) - reference).abs().max())
             final = staging / "requantized"

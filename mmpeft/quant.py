@@ -188,20 +188,6 @@ def quantized_modules(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if _is_bnb_layer(module)]
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return bool(quantized_modules(model))
-
-
-def quant_bits(model: nn.Module) -> int | None:
-    """4 or 8 for a quantized model, None otherwise."""
-    for module in model.modules():
-        if _is_bnb_layer(module):
-            import bitsandbytes as bnb
-
-            return 4 if isinstance(module, bnb.nn.Linear4bit) else 8
-    return None
-
-
 def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
     """Replace every bitsandbytes layer with an `nn.Linear` holding its dequantized weight in `dtype`, in place,
     and drop transformers' record of the quantization so that `save_pretrained` writes a plain checkpoint."""
@@ -251,9 +237,9 @@ def quantization_report(model: nn.Module, family, quant: QuantConfig) -> dict:
             continue
         plain = _plain_name(name)
         if type(module) is nn.Linear:
-            reason = ("skip list" if matches(plain, skip)
-                      else "tower not quantized" if family.tower_of(plain) not in (None, *quant.towers)
-                      else "outside the towers" if family.tower_of(plain) is None else "left by the loader")
+            tower = family.tower_of(plain)
+            reason = ("skip list" if matches(plain, skip) else "outside the towers" if tower is None
+                      else "tower not quantized" if tower not in quant.towers else "left unquantized by the loader")
         else:
             reason = "not a plain nn.Linear (embeddings, norms, convolutions, MultiheadAttention, bare parameters)"
         entry = kept.setdefault(reason, {"params": 0, "dtypes": set(), "modules": set()})

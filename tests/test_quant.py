@@ -269,3 +269,25 @@ def test_full_training_of_a_quantized_tower_is_refused(tiny_paths):
     cfg = _cfg(tiny_paths["clip"], "model.text.mode=full")  # no quantization asked, but the weights are 4-bit
     with pytest.raises(QuantizationError, match=r"`model.text.mode=full` but the text tower .* 4-bit"):
         build_classifier(backbone, cfg, ["a", "b"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("setting", ["nf4", "int8"])
+def test_qlora_trains_on_cuda(tiny_paths, setting):
+    cfg = _cfg(tiny_paths["clip"], f"model.quantization={SETTINGS[setting]}", "model.gradient_checkpointing=true",
+               "train.optimizer=paged_adamw_8bit")
+    backbone = load_backbone(cfg.model.name, dtype=cfg.model.dtype, quantization=cfg.model.quantization,
+                             device="cuda")
+    assert all(backbone.model.get_submodule(n).weight.is_cuda for n in quantized_modules(backbone.model))
+    model = build_classifier(backbone, cfg, ["negative", "positive"]).cuda()
+    model.source, model.config = backbone, cfg
+    _randomize_lora_b(model)
+    optimizer = build_optimizer(model, cfg.train)
+    assert isinstance(optimizer, bnb.optim.PagedAdamW8bit)
+    batch = probe_batch(model, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.train()
+    F.cross_entropy(model(**batch), torch.tensor([0, 1, 0, 1], device="cuda")).backward()
+    optimizer.step()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
