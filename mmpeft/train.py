@@ -72,7 +72,8 @@ def train(cfg: Config) -> dict:
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():  # one process builds caches (embedded backbone and data) first
         backbone = load_backbone(cfg.model.name, family=cfg.model.family, revision=cfg.model.revision,
-                                 dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights)
+                                 dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights,
+                                 quantization=cfg.model.quantization)  # quantized while loading: lower peak
         data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed)
     model = build_classifier(backbone, cfg, data.label_names)
     params = trainable_report(model, backbone.family)
