@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from .backbones import load_backbone
+from .backbones import get_family, load_backbone
 from .config import Config, QuantConfig
 from .inference import encode_batch
 from .model import FusionClassifier, build_classifier
@@ -129,6 +129,11 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
     manifest = read_manifest(out_dir)
+    family = get_family(manifest["backbone"]["family"])
+    if family.load is not None:
+        raise ValueError(f"`mmpeft merge` writes a transformers model folder; the {family.name!r} backbone of "
+                         f"{out_dir} is not a transformers model. Load it with `mmpeft.load_adapter` and merge "
+                         "with peft's `merge_and_unload()` in Python instead.")
     model = load_adapter(out_dir)
     source, config = model.source, model.config
     quant = source.quantization

@@ -259,6 +259,10 @@ def test_stock_peft_round_trip_and_merge(tiny_open_clip, tmp_path, modes):
         torch.testing.assert_close(family.encode_text(merged, ids, mask).pooled, model.encode_text(ids, mask).pooled,
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(merged.visual(pixels), model.encode_image(pixels).pooled, rtol=1e-5, atol=1e-6)
+    from mmpeft.merge import merge
+
+    with pytest.raises(ValueError, match="not a transformers model.*merge_and_unload"):
+        merge(tmp_path, tmp_path / "merged")  # `mmpeft merge` writes transformers folders only
 
 
 @pytest.mark.slow
