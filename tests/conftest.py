@@ -156,3 +156,15 @@ def tiny_dual(tmp_path_factory) -> dict[str, str]:
         "hf-resnet": f"dual:text={bert},vision={hf_resnet}",
         "timm": f"dual:text={bert},vision=timm:resnet10t@{root / 'resnet10t.safetensors'},image_size=32",
     }
+
+
+def assert_same_saved_weights(one: Path, two: Path, atol: float = 1e-5) -> None:
+    """Adapter and head saved in two output folders agree tensor by tensor within `atol`."""
+    import torch
+    from safetensors.torch import load_file
+
+    for name in ("adapter_model.safetensors", "head.safetensors"):
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=f"{name}:{key}")

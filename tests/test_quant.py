@@ -24,13 +24,6 @@ SETTINGS = {"nf4": "{bits: 4, quant_type: nf4}", "fp4": "{bits: 4, quant_type: f
 NO_DROPOUT = ["model.text.lora.dropout=0.0", "model.vision.lora.dropout=0.0", "head.dropout=0.0", "head.hidden=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _cfg(path, *extra):
     return load_config(None, [f"model.name={path}", *NO_DROPOUT, *extra])
