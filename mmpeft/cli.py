@@ -107,6 +107,12 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpeft", description="Fine-tune vision-language dual encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle-weights", action="store_true",
                    help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
     p.set_defaults(func=_predict)
+
+    from .compare import add_compare_arguments
+
+    p = sub.add_parser("compare", help="linear probe, LoRA per tower, full fine-tuning and baselines side by side, "
+                       "each in a fresh process (the same as recipes/compare.py)")
+    add_compare_arguments(p)
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("backbones", help="list supported backbone families and short names")
     p.set_defaults(func=_backbones)
@@ -169,13 +182,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def report_user_errors(run, prog: str) -> int:
-    """Run `run()`; a bad config, data or path prints its message (no traceback) and exits 2."""
+    """Run `run()`; a bad config, data or path prints its message (no traceback) and exits 2.
+
+    An int that `run()` returns is the exit code (e.g. `mmpeft compare`: 1 when a run failed); anything else is 0.
+    """
     try:
-        run()
+        result = run()
     except _user_errors() as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

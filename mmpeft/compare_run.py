@@ -1,0 +1,178 @@
+"""One configuration of a comparison in a fresh process, and what it measured.
+
+`python -m mmpeft.compare_run` is the child that evaluates a configuration with nothing to train (few-shot
+`zero_shot`: the prompt head as built); everything that trains runs `python -m mmpeft.cli train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "head.safetensors")
+
+
+def _nothing_to_train(base: str | None, overrides: list[str]) -> bool:
+    from .config import load_config
+
+    cfg = load_config(base, overrides)
+    return cfg.model.text.mode == cfg.model.vision.mode == cfg.head.mode == "frozen"
+
+
+# A process's ru_maxrss starts at the high-water mark of the image it was exec'd from: a child spawned by this
+# process (torch loaded, half a GiB or more) would report at least that much whatever it did itself. So a bare
+# interpreter of a few MiB spawns the run, reaps it with wait4 (that child's own rusage, not RUSAGE_CHILDREN's
+# maximum over every earlier run) and writes the status and ru_maxrss to a file.
+_LAUNCHER = """
+import json, os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"status": status, "ru_maxrss": usage.ru_maxrss}, f)
+"""
+
+
+def run_child(cmd: list[str], log_path: Path, timeout: float | None = None) -> dict:
+    """Run `cmd` with its output in `log_path`; its exit code, wall time and own peak resident set (GiB)."""
+    start = time.perf_counter()
+    report = log_path.with_name(log_path.name + ".rusage.json")
+    report.unlink(missing_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        # Its own session: a timeout or Ctrl-C here ends the launcher, the run and its loader workers together.
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report), *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    timed_out = False
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        if proc.poll() is None:  # timed out, or this process was interrupted
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    wall = time.perf_counter() - start
+    if timed_out or not report.is_file():
+        return {"exit_code": proc.returncode or -signal.SIGKILL, "timed_out": timed_out, "wall_seconds": wall,
+                "peak_rss_gib": None}
+    child = json.loads(report.read_text())
+    report.unlink()
+    scale = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"exit_code": os.waitstatus_to_exitcode(child["status"]), "timed_out": False, "wall_seconds": wall,
+            "peak_rss_gib": child["ru_maxrss"] / scale}
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    kept = [line.split("\r")[-1] for line in text.splitlines() if line.strip()]  # last state of progress bars
+    return "\n".join(kept[-lines:])
+
+
+def collect(run_dir: Path, child: dict, cuda: bool) -> dict:
+    """The numbers of one finished run: its metrics.json plus what the parent measured."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test, evaluation = metrics.get("test") or {}, metrics.get("eval") or {}
+    parts = metrics.get("trainable_parameters") or {}
+    record = {
+        "test_macro_f1": test.get("macro_f1"), "test_accuracy": test.get("accuracy"),
+        "eval_macro_f1": evaluation.get("macro_f1"), "train_seconds": metrics.get("train_seconds"),
+        "steps": metrics.get("steps"), "best_step": metrics.get("best_step"),
+        "trainable_parameters": sum(p["trainable"] for p in parts.values()),
+        "trainable_by_part": {part: p["trainable"] for part, p in parts.items()},
+        "adapter_bytes": sum((run_dir / f).stat().st_size for f in ADAPTER_WEIGHTS if (run_dir / f).is_file()),
+        "peak_rss_gib": child["peak_rss_gib"],
+    }
+    if cuda:
+        record["peak_cuda_gib"] = metrics.get("peak_memory_gib")
+    record["peak_memory_gib"] = record["peak_cuda_gib"] if cuda else child["peak_rss_gib"]
+    return record
+
+
+def run_one(name: str, overrides: list[str], run_dir: Path, *, base: str | None, seed: int, shots: int | None,
+            cuda: bool, timeout: float | None = None) -> dict:
+    """One (configuration, shots, seed) in a fresh process; a failure is recorded, never raised."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = [*overrides, f"train.output_dir={run_dir}", f"train.seed={seed}", "train.progress=false",
+                 "train.overwrite=true"]
+    record = {"config": name, "shots": shots, "seed": seed, "output_dir": str(run_dir), "overrides": overrides,
+              "status": "failed", "error": None}
+    try:
+        trains = not _nothing_to_train(base, overrides)
+    except (ValueError, FileNotFoundError) as err:  # the config itself is wrong: no process to start
+        record["error"] = str(err)
+        return record
+    record["trained"] = trains
+    (run_dir / "metrics.json").unlink(missing_ok=True)  # a stale one must not pass for this run's result
+    entry = ["-m", "mmpeft.cli", "train"] if trains else ["-m", "mmpeft.compare_run"]
+    cmd = [sys.executable, *entry, *(["--config", str(base)] if base else []), *overrides]
+    record["command"] = cmd
+    child = run_child(cmd, run_dir / "log.txt", timeout)
+    record.update(exit_code=child["exit_code"], wall_seconds=child["wall_seconds"])
+    if child["timed_out"]:
+        record["error"] = f"timed out after {timeout:g} s\n{_log_tail(run_dir / 'log.txt')}"
+    elif child["exit_code"] != 0 or not (run_dir / "metrics.json").is_file():
+        record["error"] = _log_tail(run_dir / "log.txt") or f"exit code {child['exit_code']}, no output"
+    else:
+        record.update(collect(run_dir, child, cuda), status="ok")
+    return record
+
+
+# --- the child that evaluates a configuration with nothing to train ------------------------------------------------
+
+
+def evaluate_untrained(cfg) -> dict:
+    """Evaluate the classifier as built (e.g. zero-shot CLIP through the prompt head); writes metrics.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .adapters import trainable_report
+    from .backbones import load_backbone
+    from .data.loaders import build_dataloaders
+    from .evaluation import evaluate
+    from .metrics import format_report
+    from .model import build_classifier
+    from .training_utils import peak_memory_gib, resolve_mixed_precision
+
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
+    set_seed(cfg.train.seed)
+    backbone = load_backbone(cfg.model.name, family=cfg.model.family, revision=cfg.model.revision,
+                             dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights,
+                             quantization=cfg.model.quantization)
+    data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed, require_text=cfg.head.reads_captions)
+    model = build_classifier(backbone, cfg, data.label_names)
+    parts = trainable_report(model, backbone.family)
+    model = accelerator.prepare(model)
+    results = {"steps": 0, "best_step": 0, "train_seconds": 0.0, "data": data.report,
+               "trainable_parameters": {part: {"trainable": 0, "total": p["total"]} for part, p in parts.items()}}
+    for name in ("eval", "test"):
+        if name in data.loaders:
+            results[name] = evaluate(model, accelerator.prepare(data.loaders[name]), accelerator, data.label_names)
+            accelerator.print(f"\n{name} (untrained)\n{format_report(results[name])}")
+    results["peak_memory_gib"] = peak_memory_gib()
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _untrained_main(argv: list[str] | None = None) -> None:
+    from .cli import add_train_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m mmpeft.compare_run",
+                                     description="Evaluate a configuration with nothing to train.")
+    add_train_arguments(parser)
+    evaluate_untrained(config_from_args(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    from .cli import report_user_errors
+
+    sys.exit(report_user_errors(_untrained_main, "python -m mmpeft.compare_run"))
