@@ -4,13 +4,15 @@ from .adapters import attach_adapters, build_lora_config, lora_module_names, tow
 from .backbones import Backbone, BackboneError, BackboneFamily, get_family, list_backbones, load_backbone
 from .config import (Config, DataConfig, HeadConfig, LoraSettings, ModelConfig, QuantConfig, TowerConfig, TrainConfig,
                      load_config)
-from .data import DataError, read_split, write_synthetic_sentiment
+from .data import DataError, read_split
+from .world import write_sentiment
 from .data.loaders import build_dataloaders
 from .evaluation import evaluate, predict_logits
 from .heads import build_head
 from .metrics import classification_metrics
 from .model import FusionClassifier, build_classifier
-from .saving import load_adapter, save_adapter
+from .retrieval import RetrievalModel, build_retrieval_model, contrastive_loss, evaluate_retrieval
+from .saving import load_adapter, load_retrieval_model, save_adapter
 from .train import train
 
 __version__ = "0.1.0"
@@ -27,6 +29,7 @@ __all__ = [
     "LoraSettings",
     "ModelConfig",
     "QuantConfig",
+    "RetrievalModel",
     "TowerConfig",
     "TrainConfig",
     "attach_adapters",
@@ -34,13 +37,17 @@ __all__ = [
     "build_dataloaders",
     "build_head",
     "build_lora_config",
+    "build_retrieval_model",
     "classification_metrics",
+    "contrastive_loss",
     "evaluate",
+    "evaluate_retrieval",
     "get_family",
     "list_backbones",
     "load_adapter",
     "load_backbone",
     "load_config",
+    "load_retrieval_model",
     "lora_module_names",
     "predict_logits",
     "read_split",
@@ -48,5 +55,5 @@ __all__ = [
     "tower_targets",
     "train",
     "trainable_report",
-    "write_synthetic_sentiment",
+    "write_sentiment",
 ]

@@ -22,7 +22,11 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 STORAGE_DTYPES = ("auto", "uint8", "bfloat16", "float16", "float32")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
-METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_recall", "weighted_recall", "loss")
+TASKS = ("classification", "retrieval")
+# metric_for_best choices per task; `auto` picks the first of its task's list.
+TASK_METRICS = {"classification": ("macro_f1", "accuracy", "weighted_f1", "macro_recall", "weighted_recall", "loss"),
+                "retrieval": ("recall_mean", "loss")}
+METRICS = ("auto", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m in metrics))
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
@@ -124,15 +128,26 @@ class HeadConfig:
     prompt_template: str = "a photo of a {}."
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16, dropout=0.0))
 
+    @property
+    def reads_captions(self) -> bool:
+        """Whether the head reads each example's text; `prompt` and `image_only` do not (no text column needed)."""
+        return self.type not in ("prompt", "image_only")
+
 
 @dataclass
 class AugmentConfig:
-    """Training-time image augmentation (off by default); randomness is keyed by seed, epoch and example."""
+    """Training-time augmentation (off by default); randomness is keyed by seed, epoch and example.
+
+    `enabled` switches image augmentation (random resized crop, flip, colour jitter); text augmentation is on
+    when `word_dropout` or `synonym_swap` is above 0 (synonyms: the world's vocabulary).
+    """
 
     enabled: bool = False
     crop_scale: tuple = (0.8, 1.0)
     flip: bool = True
     color_jitter: float = 0.2
+    word_dropout: float = 0.0  # probability of dropping each word of a caption
+    synonym_swap: float = 0.0  # probability of swapping a word for a synonym
 
 
 @dataclass
@@ -174,7 +189,7 @@ class TrainConfig:
     class_weights: str = "none"
     mixed_precision: str = "auto"  # auto = bf16 on CUDA / CPUs with bf16 support, else fp32
     seed: int = 0
-    metric_for_best: str = "macro_f1"
+    metric_for_best: str = "auto"  # auto = macro_f1 for classification, recall_mean for retrieval
     early_stopping_patience: int | None = None  # in evaluations
     eval_every: int | None = None  # in optimizer steps; None = once per epoch
     log_every: int = 10
@@ -193,8 +208,11 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: str = "classification"  # classification (the head) | retrieval (contrastive, no head: `head` is ignored)
 
     def __post_init__(self) -> None:
+        if self.train.metric_for_best == "auto" and self.task in TASKS:
+            self.train.metric_for_best = TASK_METRICS[self.task][0]
         self.validate()
 
     def validate(self) -> None:
@@ -228,8 +246,13 @@ class Config:
                 check()
             except ValueError as err:
                 problems.append(str(err))
+        problems += self._task_problems()
         if not 0 <= self.train.warmup_ratio < 1:
             problems.append(f"`train.warmup_ratio` must be in [0, 1), got {self.train.warmup_ratio!r}.")
+        for key in ("word_dropout", "synonym_swap"):
+            value = getattr(self.data.augment, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                problems.append(f"`data.augment.{key}` must be a probability in [0, 1), got {value!r}.")
         if not 0 <= self.train.label_smoothing < 1:
             problems.append(f"`train.label_smoothing` must be in [0, 1), got {self.train.label_smoothing!r}.")
         for key in ("checkpoint_every", "keep_checkpoints"):
@@ -243,7 +266,7 @@ class Config:
         ):
             problems.append("`train.early_stopping_patience` needs an evaluation set: set `data.eval`.")
         unused = {"text_only": "vision", "image_only": "text"}.get(self.head.type)
-        if unused and getattr(self.model, unused).mode != "frozen":
+        if unused and self.task == "classification" and getattr(self.model, unused).mode != "frozen":
             problems.append(
                 f"`head.type={self.head.type}` never runs the {unused} tower, so it cannot train: "
                 f"set `model.{unused}.mode=frozen` (it is `{getattr(self.model, unused).mode}`)."
@@ -258,6 +281,19 @@ class Config:
                             f"{self.model.gradient_checkpointing!r}.")
         if problems:
             raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+    def _task_problems(self) -> list[str]:
+        if self.task not in TASKS:
+            return [f"`task` must be one of {list(TASKS)}, got {self.task!r}."]
+        problems = []
+        metric, allowed = self.train.metric_for_best, TASK_METRICS[self.task]
+        if metric in METRICS and metric not in allowed:
+            problems.append(f"`train.metric_for_best={metric}` is not a {self.task} metric; with `task={self.task}` "
+                            f"use one of {list(allowed)} (or `auto`).")
+        if self.task == "retrieval" and self.model.text.mode == self.model.vision.mode == "frozen":
+            problems.append("`task=retrieval` trains the towers themselves (there is no head): set `model.text.mode` "
+                            "or `model.vision.mode` to `lora` or `full`.")
+        return problems
 
     def _quantization_problems(self) -> list[str]:
         quant = self.model.quantization

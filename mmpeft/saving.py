@@ -1,4 +1,5 @@
-"""Save and load a trained classifier: the stock peft adapter plus the head, label map and provenance."""
+"""Save and load a trained model: the stock peft adapter plus (for a classifier) the head and label map, and
+provenance. A retrieval model (`task=retrieval`) has no head: its folder is the adapter and `mmpeft.json`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from .backbones import BackboneError, load_backbone
 from .config import Config, _build
 from .model import FusionClassifier, build_classifier
+from .retrieval import RetrievalModel, build_retrieval_model
 
 FORMAT_VERSION = 1
 MANIFEST = "mmpeft.json"
@@ -45,9 +47,9 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def save_adapter(model: FusionClassifier, out_dir: str | Path, config: Config, *, backbone_name: str,
-                 backbone_revision: str | None, fingerprint: str) -> Path:
-    """Write the classifier's trainable state into `out_dir`, replacing any earlier save file by file.
+def save_adapter(model: FusionClassifier | RetrievalModel, out_dir: str | Path, config: Config, *,
+                 backbone_name: str, backbone_revision: str | None, fingerprint: str) -> Path:
+    """Write the model's trainable state into `out_dir`, replacing any earlier save file by file.
 
     Files are written into a temporary folder first and then moved in, so a failed save never leaves a
     half-written adapter where a good one was.
@@ -58,11 +60,13 @@ def save_adapter(model: FusionClassifier, out_dir: str | Path, config: Config, *
     try:
         if hasattr(model.backbone, "peft_config"):
             model.backbone.save_pretrained(staging)
-        head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-        save_file(head_state, staging / HEAD_WEIGHTS)
+        head = getattr(model, "head", None)  # a retrieval model has none
+        if head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, staging / HEAD_WEIGHTS)
         manifest = {
             "format_version": FORMAT_VERSION,
-            "label_names": model.label_names,
+            "task": config.task,
+            "label_names": getattr(model, "label_names", []),
             "backbone": {"name": backbone_name, "revision": backbone_revision, "family": model.family.name,
                          "fingerprint": fingerprint},
             "tower_modes": model.tower_modes,
@@ -72,7 +76,7 @@ def save_adapter(model: FusionClassifier, out_dir: str | Path, config: Config, *
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         written = [p.name for p in staging.iterdir()]
-        for stale in ADAPTER_FILES:
+        for stale in (*ADAPTER_FILES, HEAD_WEIGHTS):
             if stale not in written and (out_dir / stale).exists():
                 (out_dir / stale).unlink()  # an earlier save had an adapter this one has not
         for name in written:
@@ -109,11 +113,32 @@ def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | 
     `trust_pickle_weights` is the caller's decision, never read from the saved folder (which may come from
     someone else): see `load_backbone`.
     """
+    model = _load(out_dir, "classification", base=base, device=device, trust_pickle_weights=trust_pickle_weights)
+    model.head.load_state_dict(load_file(Path(out_dir) / HEAD_WEIGHTS))
+    return model
+
+
+def load_retrieval_model(out_dir: str | Path, *, base: str | None = None, device: str | torch.device = "cpu",
+                         trust_pickle_weights: bool = False) -> RetrievalModel:
+    """Rebuild a saved retrieval model (`task=retrieval`): backbone and stock peft adapter; arguments as in
+    `load_adapter`."""
+    return _load(out_dir, "retrieval", base=base, device=device, trust_pickle_weights=trust_pickle_weights)
+
+
+_LOADERS = {"classification": "mmpeft.load_adapter", "retrieval": "mmpeft.load_retrieval_model"}
+
+
+def _load(out_dir: str | Path, task: str, *, base: str | None, device: str | torch.device,
+          trust_pickle_weights: bool) -> FusionClassifier | RetrievalModel:
+    """The recorded backbone (fingerprint checked) with the saved adapter in it, as the model of `task`."""
     from peft import set_peft_model_state_dict
 
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     config: Config = _build(Config, manifest["config"], "")
+    if config.task != task:
+        raise ValueError(f"{out_dir} holds a {config.task} model (`task={config.task}` in its {MANIFEST}), not a "
+                         f"{task} one: load it with `{_LOADERS[config.task]}`.")
     recorded = manifest["backbone"]
     location = base or backbone_location(out_dir, recorded["name"])
     backbone = load_backbone(location, family=recorded["family"], revision=recorded["revision"],
@@ -125,7 +150,10 @@ def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | 
             f"{recorded['fingerprint']}), but {backbone.name!r} has fingerprint {backbone.fingerprint}: "
             "same architecture, different weights. Load it onto the backbone it was trained on."
         )
-    model = build_classifier(backbone, config, manifest["label_names"], init_head=False)
+    if task == "retrieval":
+        model = build_retrieval_model(backbone, config)
+    else:
+        model = build_classifier(backbone, config, manifest["label_names"], init_head=False)
     if hasattr(model.backbone, "peft_config"):
         # The model already carries the adapter's structure; fill it with the saved weights (stock layout).
         result = set_peft_model_state_dict(model.backbone, load_file(out_dir / "adapter_model.safetensors"))
@@ -133,7 +161,6 @@ def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | 
         if missing or result.unexpected_keys:
             raise ValueError(f"{out_dir}/adapter_model.safetensors does not match the recorded config: "
                              f"missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}.")
-    model.head.load_state_dict(load_file(out_dir / HEAD_WEIGHTS))
     model.source = backbone  # tokenizer and image processor, for `mmpeft.inference.predict`
     model.config = config
     return model.to(device).eval()

@@ -1,4 +1,5 @@
-"""The training loop, on Accelerate: one function that both `recipes/lora_sentiment.py` and `mmpeft train` run."""
+"""The training loop, on Accelerate: one function that `recipes/lora_sentiment.py`, `recipes/lora_retrieval.py` and
+`mmpeft train` run. `cfg.task` picks the model, the loss and the evaluation; the loop is the same."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .evaluation import evaluate
 from .faults import TrainingError, loss_is_finite, out_of_memory_advice, stop_on_interrupt
 from .metrics import format_report
 from .model import build_classifier
+from .retrieval import build_retrieval_model, contrastive_loss, evaluate_retrieval, format_retrieval_report
 from .saving import ADAPTER_FILES, MANIFEST, save_adapter
 from .training_utils import (
     EarlyStopping,
@@ -61,6 +63,7 @@ def train(cfg: Config) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     out = check_output_dir(cfg)
+    retrieval = cfg.task == "retrieval"
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -74,10 +77,12 @@ def train(cfg: Config) -> dict:
         backbone = load_backbone(cfg.model.name, family=cfg.model.family, revision=cfg.model.revision,
                                  dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights,
                                  quantization=cfg.model.quantization)  # quantized while loading: lower peak
-        data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed)
-    model = build_classifier(backbone, cfg, data.label_names)
+        data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed, task=cfg.task,
+                                 require_text=retrieval or cfg.head.reads_captions)
+    model = build_retrieval_model(backbone, cfg) if retrieval else build_classifier(backbone, cfg, data.label_names)
     params = trainable_report(model, backbone.family)
-    accelerator.print(f"backbone {backbone.name} ({backbone.family.name}), labels {data.label_names}")
+    accelerator.print(f"backbone {backbone.name} ({backbone.family.name}), "
+                      + ("task retrieval" if retrieval else f"labels {data.label_names}"))
     accelerator.print("trainable parameters: " + ", ".join(
         f"{part} {p['trainable']:,}/{p['total']:,}" for part, p in params.items()))
 
@@ -93,10 +98,33 @@ def train(cfg: Config) -> dict:
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loader, test_loader = (accelerator.prepare(x) if x is not None else None for x in (eval_loader, test_loader))
     accelerator.register_save_state_pre_hook(_save_trainable_only)  # frozen weights come from the backbone
-    weights = class_weights(data.class_counts, cfg.train.class_weights)
-    loss_fn = nn.CrossEntropyLoss(weight=weights.to(accelerator.device) if weights is not None else None,
-                                  label_smoothing=cfg.train.label_smoothing)
-    eval_loss = nn.CrossEntropyLoss(weight=weights)  # on the gathered CPU logits
+    zero_shot = {}
+    if retrieval:  # contrastive loss within each batch; recall@k over a whole split
+        def loss_fn(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+            return contrastive_loss(outputs.float())
+
+        def evaluate_split(loader) -> dict:
+            return evaluate_retrieval(model, loader, accelerator)
+
+        report = format_retrieval_report
+        # Recall of the towers before any update (when resuming too: the saved state is loaded below).
+        for name, loader in (("eval", eval_loader), ("test", test_loader)):
+            if loader is not None:
+                zero_shot[name] = evaluate_split(loader)
+                accelerator.print(f"zero-shot {name} ({len(loader.dataset)} pairs)\n{report(zero_shot[name])}")
+    else:
+        weights = class_weights(data.class_counts, cfg.train.class_weights)
+        cross_entropy = nn.CrossEntropyLoss(weight=weights.to(accelerator.device) if weights is not None else None,
+                                            label_smoothing=cfg.train.label_smoothing)
+        eval_loss = nn.CrossEntropyLoss(weight=weights)  # on the gathered CPU logits
+
+        def loss_fn(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+            return cross_entropy(outputs.float(), batch["labels"])
+
+        def evaluate_split(loader) -> dict:
+            return evaluate(model, loader, accelerator, data.label_names, eval_loss)
+
+        report = format_report
     accelerator.init_trackers("mmpeft", config=_flat(cfg.to_dict()))
 
     state, best_state = LoopState(settings=resume_settings(_flat(cfg.to_dict()))), None
@@ -141,8 +169,7 @@ def train(cfg: Config) -> dict:
                 state.batches_in_epoch += 1
                 with accelerator.accumulate(model):
                     try:
-                        logits = model(**batch)
-                        loss = loss_fn(logits.float(), batch["labels"])
+                        loss = loss_fn(model(**batch), batch)
                         if not loss_is_finite(loss, accelerator):
                             if not cfg.train.skip_nonfinite:
                                 raise TrainingError(
@@ -172,12 +199,12 @@ def train(cfg: Config) -> dict:
                                      "train/peak_memory_gib": peak_memory_gib()}, step=state.step)
                     progress.set_postfix(loss=f"{loss.item():.4f}")
                 if eval_loader is not None and (state.step % eval_every == 0 or state.step == total_steps):
-                    metrics = evaluate(model, eval_loader, accelerator, data.label_names, eval_loss)
+                    metrics = evaluate_split(eval_loader)
                     accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
                                     step=state.step)
                     state.history.append({"step": state.step, "epoch": state.epoch, **_scalars(metrics)})
-                    accelerator.print(f"step {state.step}: eval {cfg.train.metric_for_best} "
-                                      f"{metrics[cfg.train.metric_for_best]:.4f}, accuracy {metrics['accuracy']:.4f}")
+                    shown = dict.fromkeys((cfg.train.metric_for_best, "recall_mean" if retrieval else "accuracy"))
+                    accelerator.print(f"step {state.step}: eval " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown))
                     if stopper.improved(metrics[cfg.train.metric_for_best], state.step):
                         best_state = trainable_state(accelerator.unwrap_model(model))
                         save_best()
@@ -213,11 +240,12 @@ def train(cfg: Config) -> dict:
         "trainable_parameters": params,
         "data": data.report,
         "history": state.history,
+        **{f"zero_shot_{name}": metrics for name, metrics in zero_shot.items()},
     }
     for name, loader in (("eval", eval_loader), ("test", test_loader)):
         if loader is not None:
-            results[name] = evaluate(model, loader, accelerator, data.label_names, eval_loss)
-            accelerator.print(f"\n{name} ({len(loader.dataset)} examples)\n{format_report(results[name])}")
+            results[name] = evaluate_split(loader)
+            accelerator.print(f"\n{name} ({len(loader.dataset)} examples)\n{report(results[name])}")
     if accelerator.is_main_process:
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()

@@ -26,7 +26,8 @@ def _env() -> dict:
 def test_every_shipped_config_loads_and_names_its_command(path):
     cfg = load_config(path)
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# accelerate launch recipes/lora_sentiment.py")
+    recipe = {"classification": "lora_sentiment.py", "retrieval": "lora_retrieval.py"}[cfg.task]
+    assert first.startswith(f"# accelerate launch recipes/{recipe}")
     if cfg.model.name != "tiny-clip":
         assert f"--config recipes/configs/{path.name}" in first
 
@@ -39,7 +40,7 @@ def test_recipe_end_to_end_writes_adapter_metrics_and_serves_cli(tmp_path, capsy
             "train.mixed_precision=no"]  # fp32, so that `mmpeft eval` (fp32) must reproduce the numbers exactly
     run = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "test (192 examples)" in run.stdout and "macro avg" in run.stdout
+    assert "test (600 examples)" in run.stdout and "macro avg" in run.stdout
     for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "mmpeft.json",
                  "metrics.json"):
         assert (out / name).is_file(), name
@@ -49,7 +50,7 @@ def test_recipe_end_to_end_writes_adapter_metrics_and_serves_cli(tmp_path, capsy
     assert set(metrics["test"]) >= {"accuracy", "macro_f1", "weighted_f1", "macro_recall", "confusion_matrix",
                                     "per_class"}
     assert metrics["trainable_parameters"]["text"]["trainable"] > 0
-    assert metrics["data"]["train"]["examples"] == 480
+    assert metrics["data"]["train"]["examples"] == 1200
 
     # The same folder through the CLI: eval writes JSON beside the adapter, predict prints probabilities.
     test_manifest = metrics["data"]["test"]["manifest"]

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader
 
-from .augment import ImageAugment
+from .augment import ImageAugment, TextAugment
 from .dataset import Collator, MultimodalDataset, class_counts, encode_texts, label_names_from
 from .manifest import Split, read_split
-from .synthetic import write_synthetic_sentiment
 
 logger = logging.getLogger(__name__)
 
@@ -27,26 +26,45 @@ class DataBundle:
     report: dict = field(default_factory=dict)
 
 
-def embedded_manifests() -> dict[str, str]:
-    """The generated sentiment set the default run trains on, written once into the mmpeft cache."""
+def embedded_manifests(task: str = "classification") -> dict[str, str]:
+    """The world's sentiment task (`mmpeft.world.sentiment`), or for `task=retrieval` its image-caption pairs
+    (`mmpeft.world.retrieval`), written once into the mmpeft cache."""
     from ..backbones.embedded import cache_dir
 
-    paths = write_synthetic_sentiment(cache_dir() / "synthetic-sentiment-v1", n_train=480, n_eval=96, n_test=192)
-    return {name: str(path) for name, path in paths.items()}
+    if task == "retrieval":
+        from ..world.retrieval import write_retrieval
+
+        paths = write_retrieval(cache_dir() / "world-retrieval-v1", seed=0)
+        return {"train": str(paths["train"]), "eval": str(paths["val"]), "test": str(paths["test"])}
+    from ..world.sentiment import write_sentiment
+
+    paths = write_sentiment(cache_dir() / "world-sentiment-v1", seed=0)
+    return {"train": str(paths["train"]), "eval": str(paths["val"]), "test": str(paths["test"])}
 
 
-def manifest_paths(data_cfg) -> dict[str, str]:
-    """The configured manifests, or the embedded set when no training manifest is given."""
+def manifest_paths(data_cfg, task: str = "classification") -> dict[str, str]:
+    """The configured manifests, or the task's embedded set when no training manifest is given."""
     if data_cfg.train is None:
-        return embedded_manifests()
+        return embedded_manifests(task)
     return {name: getattr(data_cfg, name) for name in SPLITS if getattr(data_cfg, name)}
 
 
-def _read(path: str, data_cfg, *, label_names: list[str] | None, require_labels: bool) -> Split:
+def _read(path: str, data_cfg, *, label_names: list[str] | None, require_labels: bool,
+          require_text: bool = True) -> Split:
     return read_split(path, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
                       label_column=data_cfg.label_column, require_labels=require_labels, label_names=label_names,
                       check_images=data_cfg.check_images, skip_bad_rows=data_cfg.skip_bad_rows,
-                      allow_outside_root=data_cfg.allow_outside_root)
+                      allow_outside_root=data_cfg.allow_outside_root, require_text=require_text)
+
+
+class _Tokenize:
+    """One caption to token ids, truncated like the pre-tokenised ones (picklable for loader workers)."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
 
 
 def make_loader(split: Split, label_names: list[str] | None, backbone, data_cfg, *, train: bool,
@@ -59,7 +77,14 @@ def make_loader(split: Split, label_names: list[str] | None, backbone, data_cfg,
     aug = data_cfg.augment
     augment = (ImageAugment(tuple(aug.crop_scale), aug.flip, aug.color_jitter, seed=seed)
                if train and aug.enabled else None)
-    dataset = MultimodalDataset(split, label_names, backbone.image_processor, text, augment=augment)
+    augment_text = TextAugment(aug.word_dropout, aug.synonym_swap, seed=seed) if train else None
+    tokenize = None
+    if augment_text is not None and augment_text.active:
+        tokenize = _Tokenize(backbone.tokenizer, max_length)
+    else:
+        augment_text = None
+    dataset = MultimodalDataset(split, label_names, backbone.image_processor, text, augment=augment,
+                                augment_text=augment_text, tokenize=tokenize)
     collate = Collator(backbone.tokenizer.pad_token_id, backbone.text_padding, max_length)
     batch_size = data_cfg.batch_size if train else (data_cfg.eval_batch_size or data_cfg.batch_size)
     loader = DataLoader(
@@ -73,18 +98,26 @@ def make_loader(split: Split, label_names: list[str] | None, backbone, data_cfg,
 
 
 def build_dataloaders(data_cfg, backbone, *, seed: int = 0, label_names: list[str] | None = None,
-                      splits: tuple[str, ...] = SPLITS) -> DataBundle:
-    """Read every configured split, take the label set from `train` (or `label_names`), build the loaders."""
-    paths = manifest_paths(data_cfg)
+                      splits: tuple[str, ...] = SPLITS, require_text: bool = True,
+                      task: str = "classification") -> DataBundle:
+    """Read every configured split, take the label set from `train` (or `label_names`), build the loaders.
+
+    `require_text=False` when the head never reads captions: manifests may then lack the text column.
+    `task="retrieval"` reads image-caption pairs: labels are neither needed nor used (`label_names` stays empty).
+    """
+    labelled = task == "classification"
+    paths = manifest_paths(data_cfg, task)
     if "train" in splits and "train" not in paths:
         raise ValueError("`data.train` is required for training.")
     read = {}
     if "train" in splits:
-        read["train"] = _read(paths["train"], data_cfg, label_names=None, require_labels=True)
-        label_names = label_names or label_names_from(read["train"])
+        read["train"] = _read(paths["train"], data_cfg, label_names=None, require_labels=labelled,
+                              require_text=require_text)
+        label_names = (label_names or label_names_from(read["train"])) if labelled else None
     for name in splits:
         if name != "train" and name in paths:
-            read[name] = _read(paths[name], data_cfg, label_names=label_names, require_labels=True)
+            read[name] = _read(paths[name], data_cfg, label_names=label_names, require_labels=labelled,
+                               require_text=require_text)
     loaders, report = {}, {}
     for name, split in read.items():
         loaders[name], truncated = make_loader(split, label_names, backbone, data_cfg, train=name == "train",
@@ -97,6 +130,6 @@ def build_dataloaders(data_cfg, backbone, *, seed: int = 0, label_names: list[st
         if truncated:
             logger.warning("%s: %d of %d texts were longer than %d tokens and were truncated.", split.source,
                            truncated, len(split.examples), data_cfg.max_text_length or backbone.max_text_length)
-    counts = class_counts(read["train"], label_names) if "train" in read else []
+    counts = class_counts(read["train"], label_names) if "train" in read and labelled else []
     return DataBundle(loaders, list(label_names or []), counts, report)
 

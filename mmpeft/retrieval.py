@@ -1,0 +1,160 @@
+"""Image-caption retrieval: a dual encoder tuned with the symmetric contrastive (CLIP) loss, scored by recall@k.
+
+The towers train as for classification (frozen / LoRA / full, through the same peft adapter); there is no head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import attach_adapters
+from .backbones import Backbone
+from .backbones.registry import TOWERS, BackboneFamily
+from .config import Config
+from .model import enable_gradient_checkpointing, prepare_quantization
+
+# A family without a learned logit scale (dual encoders, BLIP's transformers port) gets CLIP's initial
+# temperature, 1 / 0.07: fixed, not trained.
+DEFAULT_LOGIT_SCALE = 1 / 0.07
+RECALL_AT = (1, 5, 10)
+
+
+class RetrievalModel(nn.Module):
+    """Both towers of a (peft-wrapped) backbone; `forward` gives the batch's image-to-text logits (B, B)."""
+
+    def __init__(self, backbone: nn.Module, family: BackboneFamily, tower_modes: dict[str, str], logit_scale: float):
+        super().__init__()
+        self.backbone = backbone
+        self.family = family
+        self.tower_modes = dict(tower_modes)
+        self.logit_scale = float(logit_scale)  # the backbone's own, read once: it is not trained
+
+    @property
+    def base(self) -> nn.Module:
+        """The transformers model, with peft's layers injected where the adapter put them."""
+        get = getattr(self.backbone, "get_base_model", None)
+        return get() if get else self.backbone
+
+    def _grad_context(self, tower: str):
+        return torch.no_grad() if self.tower_modes[tower] == "frozen" else contextlib.nullcontext()
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised (image, text) embeddings, each (B, D), in float32."""
+        with self._grad_context("vision"):
+            image = self.family.encode_image(self.base, pixel_values).pooled
+        with self._grad_context("text"):
+            text = self.family.encode_text(self.base, input_ids, attention_mask).pooled
+        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, *, embed: bool = False, **_: object):
+        """Scaled cosine similarities, image i (row) against caption j (column); `embed=True`: the embeddings.
+
+        Evaluation asks for embeddings through `forward` (not `.embed`) so that DDP / FSDP wrappers run.
+        """
+        image, text = self.embed(input_ids, attention_mask, pixel_values)
+        if embed:
+            return image, text
+        return self.logit_scale * image @ text.t()
+
+    def train(self, mode: bool = True) -> RetrievalModel:
+        """Frozen towers, and the BatchNorm layers of LoRA towers, stay in eval mode (as in FusionClassifier)."""
+        super().train(mode)
+        for tower in TOWERS:
+            if self.tower_modes[tower] in ("frozen", "lora"):
+                for name in self.family.tower_modules[tower]:
+                    for module in getattr(self.base, name).modules():
+                        if self.tower_modes[tower] == "frozen" or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()
+        return self
+
+
+def build_retrieval_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
+    """Attach adapters to the backbone as the tower modes ask (the classifier's code path); `cfg.head` is unused."""
+    dims = backbone.embed_dims
+    if dims["text"] != dims["vision"]:
+        raise ValueError(f"`task=retrieval` compares text and image embeddings, but {backbone.name!r} embeds text in "
+                         f"{dims['text']} and images in {dims['vision']} dimensions: use a backbone with a shared "
+                         "embedding space (CLIP, SigLIP, BLIP, open_clip).")
+    tower_modes = {tower: getattr(cfg.model, tower).mode for tower in TOWERS}
+    prepare_quantization(backbone, cfg.model)
+    peft_model = attach_adapters(backbone, cfg.model)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(backbone.model)
+    scale = getattr(backbone.model, "logit_scale", None)
+    logit_scale = float(scale.detach().float().exp()) if scale is not None else DEFAULT_LOGIT_SCALE
+    return RetrievalModel(peft_model, backbone.family, tower_modes, logit_scale)
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy (image->text and text->image) of (B, B) logits whose pairs are on the diagonal."""
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, *, logit_scale: float,
+                      ks: tuple[int, ...] = RECALL_AT, chunk: int = 1024) -> dict:
+    """Recall@k both ways and the split's contrastive loss, from normalised embeddings paired row by row.
+
+    A query's hit is its own pair only: another caption identical to the paired one (duplicate captions) is a
+    different candidate, and ties count against the pair (a candidate scoring equal to the paired one ranks
+    above it), so a collapsed model that embeds everything alike scores 0, not 1. Rows of the (N, N)
+    similarity are computed `chunk` at a time.
+    """
+    n = len(image)
+    metrics, losses = {}, []
+    for direction, queries, keys in (("i2t", image, text), ("t2i", text, image)):
+        ranks = []
+        for start in range(0, n, chunk):
+            sim = queries[start:start + chunk].float() @ keys.float().t()  # (c, N)
+            rows = torch.arange(len(sim))
+            paired = sim[rows, rows + start]
+            ahead = sim >= paired[:, None]
+            ahead[rows, rows + start] = False
+            ranks.append(ahead.sum(1))  # 0 = the pair comes first
+            losses.append(torch.logsumexp(logit_scale * sim, dim=1) - logit_scale * paired)
+        rank = torch.cat(ranks)
+        for k in ks:
+            metrics[f"{direction}_recall@{k}"] = float((rank < k).float().mean())
+    metrics["recall_mean"] = sum(metrics.values()) / len(metrics)
+    metrics["loss"] = float(torch.cat(losses).mean())  # = contrastive_loss over the whole split
+    metrics["num_samples"] = n
+    return metrics
+
+
+@torch.no_grad()
+def embed_split(model: nn.Module, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) embeddings of a whole split on every process, each example once, in manifest order."""
+    was_training = model.training
+    model.eval()
+    images, texts, index = [], [], []
+    for batch in loader:
+        image, text = model(**batch, embed=True)
+        image, text, batch_index = accelerator.gather_for_metrics((image, text, batch["index"]))
+        images.append(image.float().cpu())
+        texts.append(text.float().cpu())
+        index.append(batch_index.cpu())
+    model.train(was_training)
+    order = torch.cat(index).argsort()
+    return torch.cat(images)[order], torch.cat(texts)[order]
+
+
+def evaluate_retrieval(model: nn.Module, loader, accelerator) -> dict:
+    """Recall@1/5/10 image->text and text->image, their mean (`recall_mean`) and the contrastive loss of a split."""
+    image, text = embed_split(model, loader, accelerator)
+    return retrieval_metrics(image, text, logit_scale=accelerator.unwrap_model(model).logit_scale)
+
+
+def format_retrieval_report(metrics: dict, ks: tuple[int, ...] = RECALL_AT) -> str:
+    """Recall@k as a small table: one row per direction, then the mean and the loss."""
+    lines = [f"{'':>12}" + "".join(f"{f'R@{k}':>8}" for k in ks)]
+    for direction, name in (("i2t", "image->text"), ("t2i", "text->image")):
+        lines.append(f"{name:>12}" + "".join(f"{metrics[f'{direction}_recall@{k}']:8.4f}" for k in ks))
+    lines.append(f"{'mean recall':>12}{metrics['recall_mean']:8.4f}   (loss {metrics['loss']:.4f}, "
+                 f"{metrics['num_samples']} pairs)")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Image-caption retrieval in the world: each scene with one caption describing every attribute of it.
+
+Training pairs never show a held-out colour-shape pair (`HELD_OUT`); validation and test pairs may (about one
+scene in six), so recall on them, zero-shot and after fine-tuning, says something about generalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .scenes import Scene, caption, render, sample_scene, scene_rng
+
+SPLIT_SIZES = {"train": 1024, "val": 256, "test": 512}
+
+
+def retrieval_pair(seed: int, split: str, index: int) -> tuple[Scene, str]:
+    """Pair `index` of `split`: a pure function of its arguments (splits draw from disjoint streams)."""
+    rng = scene_rng(seed, index, f"retrieval-{split}")
+    scene = sample_scene(rng, held_out=False if split == "train" else None)
+    return scene, caption(scene, rng)
+
+
+def write_retrieval(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[str, int] | None = None,
+                    image_size: int = 64) -> dict[str, Path]:
+    """Write `images/*.jpg` and `train.jsonl`, `val.jsonl`, `test.jsonl` into out_dir; return the manifests.
+
+    Each JSONL row is what a user's own caption data looks like (`image`, `text`; no label) plus this world's
+    provenance (`held_out`, the scene). An existing complete set with the same arguments is reused; a different
+    or incomplete one is rewritten.
+    """
+    sizes = dict(SPLIT_SIZES if sizes is None else sizes)
+    if set(sizes) != set(SPLIT_SIZES) or any(not isinstance(n, int) or n < 3 for n in sizes.values()):
+        raise ValueError(f"sizes must give train, val and test at least 3 examples each; got {sizes}")
+    out = Path(out_dir)
+    paths = {split: out / f"{split}.jsonl" for split in sizes}
+    args = {"format": 1, "task": "retrieval", "seed": seed, "sizes": sizes, "image_size": image_size}
+    marker = out / "world.json"
+    if marker.exists() and all(p.exists() for p in paths.values()):
+        try:
+            if json.loads(marker.read_text()) == args:
+                return paths
+        except json.JSONDecodeError:
+            pass
+    marker.unlink(missing_ok=True)  # written last: an interrupted run is never mistaken for a complete one
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        rows = []
+        for i in range(n):
+            scene, text = retrieval_pair(seed, split, i)
+            rel = f"images/{split}_{i:05d}.jpg"
+            render(scene, image_size).save(out / rel, format="JPEG", quality=95)
+            rows.append(json.dumps({
+                "image": rel, "text": text, "held_out": scene.held_out,
+                "scene": {"colour": scene.colour, "shape": scene.shape, "count": scene.count,
+                          "position": scene.position, "weather": scene.weather, "expression": scene.expression},
+            }) + "\n")
+        tmp = paths[split].with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(rows), encoding="utf-8")
+        tmp.replace(paths[split])
+    marker.write_text(json.dumps(args, indent=2) + "\n")
+    return paths
