@@ -45,7 +45,8 @@ def _eval(args: argparse.Namespace) -> int:
     split = read_split(args.data, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
                        label_column=data_cfg.label_column, label_names=model.label_names,
                        check_images=data_cfg.check_images, skip_bad_rows=args.skip_bad_rows,
-                       allow_outside_root=data_cfg.allow_outside_root)
+                       allow_outside_root=data_cfg.allow_outside_root,
+                       require_text=model.config.head.reads_captions)
     loader, _ = make_loader(split, model.label_names, model.source, data_cfg, train=False)
     label_names = model.label_names
     accelerator = Accelerator()
@@ -66,7 +67,10 @@ def _predict(args: argparse.Namespace) -> int:
     from .saving import load_adapter
 
     model = load_adapter(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
-    probs = predict(model, [args.image], [args.text])[0]
+    if args.text is None and model.config.head.reads_captions:
+        raise ValueError(f"--text is required: the `{model.config.head.type}` head of {args.adapter} reads a caption "
+                         "with each image.")
+    probs = predict(model, [args.image], [args.text or ""])[0]
     ranked = sorted(zip(model.label_names, probs.tolist()), key=lambda x: -x[1])
     print(json.dumps({"label": ranked[0][0], "probabilities": dict(ranked)}, indent=2))
     return 0
@@ -107,6 +111,31 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_sentiment(args: argparse.Namespace) -> int:
+    from .world.sentiment import write_sentiment
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "world.json").exists():
+        raise FileExistsError(f"{out} is not empty and holds no world data set; choose an empty or new folder.")
+    paths = write_sentiment(out, seed=args.seed, sizes={"train": args.train, "val": args.val, "test": args.test})
+    for split, path in paths.items():
+        print(f"{split}: {path} ({sum(1 for _ in open(path, encoding='utf-8'))} examples)")
+    print(f"train on it: mmpeft train data.train={paths['train']} data.eval={paths['val']} data.test={paths['test']}")
+    return 0
+
+
+def _make_fewshot(args: argparse.Namespace) -> int:
+    from .world.fewshot import write_fewshot
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "world.json").exists():
+        raise FileExistsError(f"{out} is not empty and holds no world data set; choose an empty or new folder.")
+    paths = write_fewshot(out, attribute=args.attribute, shots=args.shots, seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split}: {path} ({sum(1 for _ in open(path, encoding='utf-8'))} examples)")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare import run_from_args
 
@@ -136,11 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify one image + text")
     p.add_argument("--adapter", required=True)
     p.add_argument("--image", required=True)
-    p.add_argument("--text", required=True)
+    p.add_argument("--text", help="the caption (not needed by the prompt and image_only heads)")
     p.add_argument("--base", help="load the backbone from here instead of the recorded name")
     p.add_argument("--trust-pickle-weights", action="store_true",
                    help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
     p.set_defaults(func=_predict)
+
+    data = sub.add_parser("data", help="write the built-in world's data sets as JPEG files + JSONL manifests")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("make-sentiment", help="multimodal sentiment (positive / neutral / negative) where the "
+                            "label needs image and text; the format your own data should take")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=1200)
+    p.add_argument("--val", type=int, default=300)
+    p.add_argument("--test", type=int, default=600)
+    p.set_defaults(func=_make_sentiment)
+    p = data_sub.add_parser("make-fewshot", help="k-shot image classification of one world attribute")
+    p.add_argument("out_dir")
+    p.add_argument("--attribute", default="shape", choices=["shape", "colour", "weather"])
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_fewshot)
 
     from .compare import add_compare_arguments
 

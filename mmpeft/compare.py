@@ -41,6 +41,8 @@ CONFIGS = {
         "text_only": ["head.type=text_only", "model.text.mode=lora", "model.vision.mode=frozen"],
         "image_only": ["head.type=image_only", "model.text.mode=frozen", "model.vision.mode=lora"],
         "lora_both_reg": [*_LORA_BOTH, *_REGULARIZE, *_TEXT_AUGMENT],
+        # the same recipe from random weights: what pretraining is worth
+        "lora_both_random": [*_LORA_BOTH, "model.name=tiny-clip-random"],
     },
     "fewshot": {  # the prompt head: class names as prompts; no captions, so no text augmentation
         "zero_shot": [*_FROZEN, "head.mode=frozen"],

@@ -86,11 +86,19 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def peak_memory_gib() -> float:
-    """Peak allocated CUDA memory, or the process's peak resident set on CPU."""
+    """Peak allocated CUDA memory, or this program's peak resident set on CPU.
+
+    On Linux it is VmHWM, the high-water mark of this program's own memory: `ru_maxrss` would also count the
+    peak of whatever process forked it before `exec` (the `accelerate launch` launcher, with torch imported).
+    """
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

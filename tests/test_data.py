@@ -1,4 +1,4 @@
-"""Tests for the data layer: manifest validation, datasets, collation and the synthetic set."""
+"""Tests for the data layer: manifest validation, datasets, collation and augmentation."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 
 from mmpeft.data import (Collator, DataError, MultimodalDataset, Split, TextEncoding, class_counts, encode_texts,
-                         label_names_from, read_split, write_synthetic_sentiment)
-from mmpeft.data import synthetic
+                         label_names_from, read_split)
 
 ROWS = [("a.jpg", "a sunny day", "pos", (250, 200, 40)),
         ("b.png", "so gloomy", "neg", (40, 50, 90)),
@@ -275,34 +274,3 @@ def test_dataset_in_dataloader_with_worker(good: Path, source: str):
     assert unlabeled[0]["labels"] == -1
 
 
-def _image_is_warm(path: Path) -> bool:
-    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-    return pixels[..., 0].mean() > pixels[..., 2].mean()
-
-
-def test_synthetic_set_is_deterministic_balanced_and_follows_the_rule(tmp_path: Path):
-    a = write_synthetic_sentiment(tmp_path / "a", n_train=30, n_eval=9, n_test=12, seed=3)
-    b = write_synthetic_sentiment(tmp_path / "b", n_train=30, n_eval=9, n_test=12, seed=3)
-    for name in ("train", "eval", "test"):
-        assert a[name].read_bytes() == b[name].read_bytes()
-    images = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
-    assert len(images) == 51
-    assert all((tmp_path / "a/images" / n).read_bytes() == (tmp_path / "b/images" / n).read_bytes() for n in images)
-    assert a["train"].read_bytes() != write_synthetic_sentiment(tmp_path / "c", n_train=30, n_eval=9, n_test=12,
-                                                                seed=4)["train"].read_bytes()
-    for name, n in (("train", 30), ("eval", 9), ("test", 12)):
-        records = [json.loads(line) for line in a[name].read_text().splitlines()]
-        split = read_split(a[name])
-        assert class_counts(split, ["negative", "neutral", "positive"]) == [n // 3] * 3
-        for r in records:
-            words = set(r["text"].replace(",", "").split())
-            positive_text, negative_text = bool(words & set(synthetic.POSITIVE_WORDS)), bool(
-                words & set(synthetic.NEGATIVE_WORDS))
-            assert positive_text != negative_text
-            warm = _image_is_warm(tmp_path / "a" / r["image"])
-            assert r["label"] == synthetic.label_for(warm, positive_text)
-            assert r["decided_by"] == ("both" if warm == positive_text else "conflict")
-    # Same arguments: nothing is rewritten.
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*")}
-    write_synthetic_sentiment(tmp_path / "a", n_train=30, n_eval=9, n_test=12, seed=3)
-    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*")}

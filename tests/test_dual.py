@@ -300,7 +300,7 @@ def test_bert_resnet50_recipe_config_runs_end_to_end(tiny_dual, tmp_path):
                                "train.max_steps=2", "data.num_workers=1", "data.batch_size=8",
                                "train.mixed_precision=no", "train.progress=false", "train.tracker=null"])
     results = train(cfg)
-    assert results["steps"] == 2 and results["test"]["num_samples"] == 192
+    assert results["steps"] == 2 and results["test"]["num_samples"] == 600
     assert results["trainable_parameters"]["vision"]["trainable"] > 0
     loaded = load_adapter(out)
     assert set(lora_module_names(loaded.backbone)) == BERT_LORA | VISION_LORA["hf-resnet"]

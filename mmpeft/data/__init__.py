@@ -1,8 +1,7 @@
-"""Data layer: reading manifests, building torch datasets and a synthetic sentiment set."""
+"""Data layer: reading manifests, building torch datasets and loaders, augmentation."""
 
 from mmpeft.data.dataset import Collator, MultimodalDataset, TextEncoding, class_counts, encode_texts, label_names_from
 from mmpeft.data.manifest import DataError, Example, Split, read_split
-from mmpeft.data.synthetic import write_synthetic_sentiment
 
 __all__ = [
     "DataError",
@@ -15,5 +14,4 @@ __all__ = [
     "encode_texts",
     "MultimodalDataset",
     "Collator",
-    "write_synthetic_sentiment",
 ]

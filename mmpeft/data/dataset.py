@@ -53,13 +53,18 @@ class MultimodalDataset(torch.utils.data.Dataset):
     """Examples of one split as model inputs; images are decoded lazily in the loading worker."""
 
     def __init__(self, split: Split, label_names: list[str] | None, image_processor: Any, text: TextEncoding,
-                 augment: Callable[..., Image.Image] | None = None):
+                 augment: Callable[..., Image.Image] | None = None,
+                 augment_text: Callable[..., str] | None = None, tokenize: Callable[[str], list[int]] | None = None):
+        """`augment_text` rewrites a caption per (epoch, index) and `tokenize` encodes the result (both or neither)."""
+        if (augment_text is None) != (tokenize is None):
+            raise ValueError("augment_text needs tokenize to encode the rewritten caption (give both or neither)")
         if len(text.input_ids) != len(split.examples):
             raise ValueError(f"{len(text.input_ids)} encoded texts for {len(split.examples)} examples")
         self.examples = split.examples
         self.image_processor = image_processor
         self.input_ids = text.input_ids
         self.augment = augment
+        self.augment_text, self.tokenize = augment_text, tokenize
         self.epoch = 0
         index = {name: i for i, name in enumerate(label_names or [])}
         if label_names is None:
@@ -94,7 +99,10 @@ class MultimodalDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             image = self.augment(image, epoch=self.epoch, index=i)
         pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return {"pixel_values": pixels.float(), "input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
+        input_ids = self.input_ids[i]
+        if self.augment_text is not None:
+            input_ids = self.tokenize(self.augment_text(self.examples[i].text, epoch=self.epoch, index=i))
+        return {"pixel_values": pixels.float(), "input_ids": input_ids, "labels": self.labels[i], "index": i}
 
 
 class Collator:

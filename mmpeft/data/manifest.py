@@ -215,12 +215,13 @@ def _outside(path: str, root: str) -> bool:
 
 
 def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], has_labels: bool,
-           require_labels: bool, label_names: list[str] | None, root: str | None) -> tuple[Example | None, list[str]]:
+           require_labels: bool, label_names: list[str] | None, root: str | None,
+           require_text: bool = True) -> tuple[Example | None, list[str]]:
     """Turns one raw record into an Example, or lists what is wrong with it; `root` None allows any image path."""
     if isinstance(record, str):
         return None, [record]
     errs = []
-    for role in ("image", "text") + (("label",) if has_labels and require_labels else ()):
+    for role in ("image",) + (("text",) if require_text else ()) + (("label",) if has_labels and require_labels else ()):
         if _blank(record.get(cols[role])):
             errs.append(f"missing value in column '{cols[role]}' (expected a {_ROLES[role][1]})")
     image, text, label = record.get(cols["image"]), record.get(cols["text"]), record.get(cols["label"])
@@ -243,7 +244,7 @@ def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], 
     if errs:
         return None, errs
     loader = image if isinstance(image, DatasetsImage) else None
-    return Example(path, str(text), label, row, source, loader), []
+    return Example(path, "" if _blank(text) else str(text), label, row, source, loader), []
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -266,8 +267,12 @@ def _image_problem(example: Example, check_images: bool) -> str | None:
 
 def read_split(path: str | os.PathLike, *, image_column: str = "image", text_column: str = "text",
                label_column: str = "label", require_labels: bool = True, label_names: list[str] | None = None,
-               check_images: bool = True, skip_bad_rows: bool = False, allow_outside_root: bool = False) -> Split:
+               check_images: bool = True, skip_bad_rows: bool = False, allow_outside_root: bool = False,
+               require_text: bool = True) -> Split:
     """Reads a manifest, checks every row and image, and returns the examples or raises one DataError.
+
+    `require_text=False` (for heads that never read the caption: `prompt`, `image_only`) accepts a manifest
+    without a text column, or with blank captions.
 
     Image paths are relative to the manifest's folder (the data root); unless `allow_outside_root`, a path that
     leaves it (`../`, an absolute path elsewhere, a symlink pointing out) is a bad row.
@@ -288,7 +293,7 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
     if not rows:
         raise DataError(f"{source}: the manifest has no rows; expected at least one example")
     cols = {"image": image_column, "text": text_column, "label": label_column}
-    needed = ["image", "text"] + (["label"] if require_labels else [])
+    needed = ["image"] + (["text"] if require_text else []) + (["label"] if require_labels else [])
     # A JSONL file whose every line is malformed has no columns; report the lines, not the columns.
     if columns:
         raise_problems([f"{source}: missing column '{cols[r]}' (set {_ROLES[r][0]} to the column holding "
@@ -297,7 +302,7 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
     has_labels = label_column in columns
 
     root = None if allow_outside_root else os.path.realpath(base)
-    built = [(row, *_build(rec, row, source, base, cols, has_labels, require_labels, label_names, root))
+    built = [(row, *_build(rec, row, source, base, cols, has_labels, require_labels, label_names, root, require_text))
              for row, rec in rows]
     candidates = [ex for _, ex, _ in built if ex is not None]
     with warnings.catch_warnings():

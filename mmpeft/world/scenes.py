@@ -8,6 +8,7 @@ generalisation rather than memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -32,6 +33,18 @@ EXPRESSIONS = ("smiling", "neutral", "frowning")  # faces only
 COUNTS = {1: "one", 2: "two", 3: "three"}
 POSITIONS = ("left", "center", "right")
 WEATHERS = ("sunny", "cloudy", "rainy", "snowy", "night")
+
+POLARITY_OF_EXPRESSION = {"smiling": "positive", "neutral": "neutral", "frowning": "negative"}
+# Remarks people add to a picture, by polarity: pretraining captions of faces carry them (matching the faces'
+# mood); posts in the sentiment task carry them (the text's own polarity).
+OPINIONS = {
+    "positive": ("i love this", "what a wonderful sight", "this made my day", "so happy to see this",
+                 "absolutely lovely", "best moment ever", "what a great day", "pure joy"),
+    "neutral": ("just posted this", "here is a picture", "taken this morning", "another photo from today",
+                "a picture from the walk", "posting this for the record", "seen on the way home", "photo of the day"),
+    "negative": ("i hate this", "what an awful sight", "this ruined my day", "so sad to see this",
+                 "absolutely terrible", "worst moment ever", "what a gloomy day", "pure misery"),
+}
 
 # (colour, shape) pairs never shown in pretraining; zero-shot evaluation is measured on them.
 HELD_OUT = frozenset({("red", "star"), ("blue", "heart"), ("green", "triangle"), ("yellow", "face"),
@@ -90,6 +103,11 @@ class Scene:
         if self.expression is not None and self.expression not in EXPRESSIONS:
             raise ValueError(f"expression must be one of {list(EXPRESSIONS)}, got {self.expression!r}")
 
+    def _sized(self, rng: random.Random) -> Scene:
+        """This scene with an object size drawn for its count: one object is large, three fit a column."""
+        low, high = {1: (20, 26), 2: (17, 22), 3: (14, 19)}[self.count]
+        return dataclasses.replace(self, size=rng.randint(low, high))
+
     @property
     def held_out(self) -> bool:
         return (self.colour, self.shape) in HELD_OUT
@@ -117,7 +135,7 @@ def sample_scene(rng: random.Random, *, held_out: bool | None = False, shape: st
     return Scene(colour=c, shape=s, count=rng.choice(tuple(COUNTS)), position=rng.choice(POSITIONS),
                  weather=rng.choice(WEATHERS),
                  expression=(expression or rng.choice(EXPRESSIONS)) if s == "face" else None,
-                 size=rng.randint(13, 18), seed=rng.getrandbits(31))
+                 size=0, seed=rng.getrandbits(31))._sized(rng)
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
@@ -133,10 +151,20 @@ def scene_rng(seed: int, index: int, stream: str = "") -> random.Random:
 
 
 def pretraining_pair(seed: int, index: int) -> tuple[Scene, str]:
-    """Example `index` of the pretraining stream: a scene outside HELD_OUT and a caption of it."""
+    """Example `index` of the pretraining stream: a scene outside HELD_OUT and a caption of it.
+
+    A third of the scenes are faces, and half of their captions carry a remark whose mood matches the faces
+    ("what a wonderful sight" for smiling ones), as web alt-text does: that is where the text tower meets
+    opinion words and the vision tower learns that expressions matter.
+    """
     rng = scene_rng(seed, index, "pretrain")
-    scene = sample_scene(rng, held_out=False)
-    return scene, caption(scene, rng)
+    shape = "face" if rng.random() < 1 / 3 else rng.choice([s for s in SHAPES if s != "face"])
+    scene = sample_scene(rng, held_out=False, shape=shape)
+    text = caption(scene, rng)
+    if scene.expression and rng.random() < 0.5:
+        remark = rng.choice(OPINIONS[POLARITY_OF_EXPRESSION[scene.expression]])
+        text = f"{remark}: {text}" if rng.random() < 0.5 else f"{text}, {remark}"
+    return scene, text
 
 
 # ---- drawing -----------------------------------------------------------------------------------------------

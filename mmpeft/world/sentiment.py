@@ -20,21 +20,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .scenes import Scene, render, sample_scene, scene_rng
+from .scenes import OPINIONS, POLARITY_OF_EXPRESSION, Scene, render, sample_scene, scene_rng
 
 LABELS = ("positive", "neutral", "negative")
-POLARITY_OF_EXPRESSION = {"smiling": "positive", "neutral": "neutral", "frowning": "negative"}
 EXPRESSION_OF_POLARITY = {v: k for k, v in POLARITY_OF_EXPRESSION.items()}
 IMAGE_POLARITY_WEIGHTS = {"positive": 0.275, "neutral": 0.45, "negative": 0.275}
-
-OPINIONS = {
-    "positive": ("i love this", "what a wonderful sight", "this made my day", "so happy to see this",
-                 "absolutely lovely", "best moment ever", "what a great day", "pure joy"),
-    "neutral": ("just posted this", "here is a picture", "taken this morning", "another photo from today",
-                "a picture from the walk", "posting this for the record", "seen on the way home", "photo of the day"),
-    "negative": ("i hate this", "what an awful sight", "this ruined my day", "so sad to see this",
-                 "absolutely terrible", "worst moment ever", "what a gloomy day", "pure misery"),
-}
 _POST_TEMPLATES = ("{opinion}! {description}", "{description}. {opinion}", "{opinion}: {description}",
                    "{opinion}")
 _DESCRIPTIONS = ("{things} {when}", "{things}", "{day} with {things}")

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from .scenes import COLOURS, COUNTS, HELD_OUT, PLURALS, POSITIONS, SHAPES, WEATHERS, Scene, render, sample_scene, scene_rng
+from .scenes import COLOURS, COUNTS, EXPRESSIONS, HELD_OUT, PLURALS, POSITIONS, SHAPES, WEATHERS, Scene, render, sample_scene, scene_rng
 
 # attribute -> (class names, how one scene reads that attribute)
 ATTRIBUTES = {
@@ -17,6 +17,7 @@ ATTRIBUTES = {
     "count": (tuple(COUNTS.values()), lambda s: COUNTS[s.count]),
     "position": (POSITIONS, lambda s: s.position),
     "weather": (WEATHERS, lambda s: s.weather),
+    "expression": (EXPRESSIONS, lambda s: s.expression),  # scored on the faces only
 }
 _WEATHER_PROMPT = {"sunny": "on a sunny day", "cloudy": "on a cloudy day", "rainy": "in the rain",
                    "snowy": "in the snow", "night": "at night"}
@@ -36,6 +37,8 @@ def _prompts(attribute: str, name: str) -> list[str]:
     if attribute == "position":
         return [f"a photo of a {c} {s} on the {name}" if name != "center" else f"a photo of a {c} {s} in the center"
                 for c in COLOURS for s in SHAPES]
+    if attribute == "expression":
+        return [f"a photo of a {name} {c} face" for c in COLOURS]
     return [f"a photo of a {c} {s} {_WEATHER_PROMPT[name]}" for c in COLOURS for s in SHAPES]
 
 
@@ -63,10 +66,13 @@ def zero_shot_accuracy(model, tokenizer, pixel_fn, scenes: list[Scene], *, batch
             tokens = tokenizer(_prompts(attribute, name), padding=True, return_tensors="pt")
             text = torch.nn.functional.normalize(_features(model.get_text_features(**tokens)), dim=-1)
             class_embeds.append(torch.nn.functional.normalize(text.mean(0), dim=-1))
-        predicted = (images @ torch.stack(class_embeds).T).argmax(-1)
-        truth = torch.tensor([names.index(read(s)) for s in scenes])
+        keep = [i for i, s in enumerate(scenes) if read(s) is not None]
+        if not keep:
+            continue
+        predicted = (images[keep] @ torch.stack(class_embeds).T).argmax(-1)
+        truth = torch.tensor([names.index(read(scenes[i])) for i in keep])
         results[attribute] = {"accuracy": (predicted == truth).float().mean().item(), "chance": 1 / len(names),
-                              "classes": len(names)}
+                              "classes": len(names), "scenes": len(keep)}
     return results
 
 
