@@ -34,7 +34,7 @@ def embedded_manifests(task: str = "classification") -> dict[str, str]:
     if task == "retrieval":
         from ..world.retrieval import write_retrieval
 
-        paths = write_retrieval(cache_dir() / "world-retrieval-v1", seed=0)
+        paths = write_retrieval(cache_dir() / "world-retrieval-v2", seed=0)
         return {"train": str(paths["train"]), "eval": str(paths["val"]), "test": str(paths["test"])}
     from ..world.sentiment import write_sentiment
 

@@ -1,4 +1,7 @@
-"""Image-caption retrieval in the world: each scene with one caption describing every attribute of it.
+"""Image-caption retrieval in the world: each scene with one catalogue-style caption of every attribute.
+
+The captions use a terse register pretraining never used ("2x smiling red face | left | rain"), the way a
+product catalogue or a photo archive labels images: a shift that fine-tuning has to bridge.
 
 Training pairs never show a held-out colour-shape pair (`HELD_OUT`); validation and test pairs may (about one
 scene in six), so recall on them, zero-shot and after fine-tuning, says something about generalisation.
@@ -10,16 +13,28 @@ import json
 import os
 from pathlib import Path
 
-from .scenes import Scene, caption, render, sample_scene, scene_rng
+import random
+
+from .scenes import Scene, render, sample_scene, scene_rng
 
 SPLIT_SIZES = {"train": 1024, "val": 256, "test": 512}
+_WEATHER_NOUNS = {"sunny": "sun", "cloudy": "clouds", "rainy": "rain", "snowy": "snow", "night": "night"}
+
+
+def catalogue_caption(scene: Scene, rng: random.Random) -> str:
+    """'2x smiling red face | left | rain', its fields in an order drawn per caption."""
+    thing = " ".join([f"{scene.count}x", *([scene.expression] if scene.expression else []), scene.colour,
+                      scene.shape])
+    fields = [scene.position, _WEATHER_NOUNS[scene.weather]]
+    rng.shuffle(fields)
+    return rng.choice((" | ", "; ", " / ")).join([thing, *fields])
 
 
 def retrieval_pair(seed: int, split: str, index: int) -> tuple[Scene, str]:
     """Pair `index` of `split`: a pure function of its arguments (splits draw from disjoint streams)."""
     rng = scene_rng(seed, index, f"retrieval-{split}")
     scene = sample_scene(rng, held_out=False if split == "train" else None)
-    return scene, caption(scene, rng)
+    return scene, catalogue_caption(scene, rng)
 
 
 def write_retrieval(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[str, int] | None = None,
@@ -35,7 +50,7 @@ def write_retrieval(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[st
         raise ValueError(f"sizes must give train, val and test at least 3 examples each; got {sizes}")
     out = Path(out_dir)
     paths = {split: out / f"{split}.jsonl" for split in sizes}
-    args = {"format": 1, "task": "retrieval", "seed": seed, "sizes": sizes, "image_size": image_size}
+    args = {"format": 2, "task": "retrieval", "seed": seed, "sizes": sizes, "image_size": image_size}
     marker = out / "world.json"
     if marker.exists() and all(p.exists() for p in paths.values()):
         try:

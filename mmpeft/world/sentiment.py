@@ -1,11 +1,12 @@
 """Multimodal sentiment in the world: positive / neutral / negative, as in MVSA, where neither modality suffices.
 
-The image carries a polarity through the expression of its faces (smiling +, neutral 0, frowning -). The text
-is a short post with its own polarity (an opinion phrase) and a description of the scene that never names the
-expression. The label follows one rule over both (`label_for`):
+The image carries a polarity in its faces and its sky: smiling faces under the sun (+), neutral faces under
+clouds (0), frowning faces in the rain (-). The text is a short post with its own polarity (an opinion phrase)
+and a description of the faces that never names their expression or the sky. The label follows one rule over
+both (`label_for`):
 
 * the image is not neutral -> the image's polarity. When the text agrees, both decided; when the text is neutral
-  or says the opposite (sarcasm: "what a wonderful day" under frowning faces), the image decided;
+  or says the opposite (sarcasm: "what a wonderful day" under frowning faces in the rain), the image decided;
 * the image is neutral -> the text's polarity (the text decided; both when the text is neutral too).
 
 Image polarities are drawn 45 % neutral, 27.5 % each way, text polarities uniformly, so an image-only model
@@ -14,6 +15,7 @@ tops out near 70 % accuracy and a text-only one near 63 %; reading both gets 100
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -27,11 +29,10 @@ EXPRESSION_OF_POLARITY = {v: k for k, v in POLARITY_OF_EXPRESSION.items()}
 IMAGE_POLARITY_WEIGHTS = {"positive": 0.275, "neutral": 0.45, "negative": 0.275}
 _POST_TEMPLATES = ("{opinion}! {description}", "{description}. {opinion}", "{opinion}: {description}",
                    "{opinion}")
-_DESCRIPTIONS = ("{things} {when}", "{things}", "{day} with {things}")
-_WHEN = {"sunny": "on a sunny day", "cloudy": "on a cloudy day", "rainy": "in the rain", "snowy": "in the snow",
-         "night": "at night"}
-_DAY = {"sunny": "a sunny day", "cloudy": "a cloudy day", "rainy": "a rainy day", "snowy": "a snowy day",
-        "night": "a dark night"}
+_DESCRIPTIONS = ("{things} {where}", "{things}", "{things} in this one")
+_WHERE = {"left": "on the left", "center": "in the middle", "right": "on the right"}
+# The image's polarity shows twice: in the faces and in the sky (smiling under the sun, frowning in the rain).
+WEATHER_OF_POLARITY = {"positive": "sunny", "neutral": "cloudy", "negative": "rainy"}
 SPLIT_SIZES = {"train": 1200, "val": 300, "test": 600}
 
 
@@ -53,9 +54,8 @@ class SentimentExample:
 
 
 def _post(scene: Scene, polarity: str, rng: random.Random) -> str:
-    things = scene.things(rng).replace(f"{scene.expression} ", "")  # the text never names the expression
-    description = rng.choice(_DESCRIPTIONS).format(things=things, when=_WHEN[scene.weather],
-                                                  day=_DAY[scene.weather])
+    things = scene.things(rng).replace(f"{scene.expression} ", "")  # the text never names expression or sky
+    description = rng.choice(_DESCRIPTIONS).format(things=things, where=_WHERE[scene.position])
     return rng.choice(_POST_TEMPLATES).format(opinion=rng.choice(OPINIONS[polarity]), description=description)
 
 
@@ -65,6 +65,7 @@ def sentiment_example(seed: int, split: str, index: int) -> SentimentExample:
     image_polarity = rng.choices(list(IMAGE_POLARITY_WEIGHTS), weights=list(IMAGE_POLARITY_WEIGHTS.values()))[0]
     text_polarity = rng.choice(LABELS)
     scene = sample_scene(rng, held_out=None, shape="face", expression=EXPRESSION_OF_POLARITY[image_polarity])
+    scene = dataclasses.replace(scene, weather=WEATHER_OF_POLARITY[image_polarity])
     label, decided_by = label_for(text_polarity, image_polarity)
     return SentimentExample(scene, _post(scene, text_polarity, rng), text_polarity, image_polarity, label,
                             decided_by)
@@ -83,7 +84,7 @@ def write_sentiment(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[st
         raise ValueError(f"sizes must give train, val and test at least 3 examples each; got {sizes}")
     out = Path(out_dir)
     paths = {split: out / f"{split}.jsonl" for split in sizes}
-    args = {"format": 1, "seed": seed, "sizes": sizes, "image_size": image_size}
+    args = {"format": 2, "seed": seed, "sizes": sizes, "image_size": image_size}
     marker = out / "world.json"
     if marker.exists() and all(p.exists() for p in paths.values()):
         try:

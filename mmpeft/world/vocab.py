@@ -43,8 +43,8 @@ def world_words() -> list[str]:
              " ".join(scenes.EXPRESSIONS), " ".join(scenes.COUNTS.values()), " ".join(scenes.POSITIONS),
              " ".join(scenes.WEATHERS), *scenes._CAPTION_TEMPLATES, *sum(scenes._WEATHER_PHRASES.values(), ()),
              *sum(scenes._POSITION_PHRASES.values(), ()), *sum(sentiment.OPINIONS.values(), ()),
-             *sentiment._POST_TEMPLATES, *sentiment._DESCRIPTIONS, *sentiment._WHEN.values(),
-             *sentiment._DAY.values(), " ".join(sentiment.LABELS), "a photo of a {}.", " ".join(sum(SYNONYMS, ())),
+             *sentiment._POST_TEMPLATES, *sentiment._DESCRIPTIONS, *sentiment._WHERE.values(),
+             " ".join(sentiment.LABELS), "a photo of a {}.", " ".join(sum(SYNONYMS, ())),
              " ".join(COMMON)]
     words = set()
     for text in texts:
