@@ -236,8 +236,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser, default_base: str | N
                         help="sentiment: image+text classification (fusion heads); fewshot: k-shot image "
                              "classification of a world attribute with the prompt head")
     parser.add_argument("--configs", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                        help=f"comma-separated subset; sentiment: {','.join(CONFIGS['sentiment'])}; "
-                             f"fewshot: {','.join(CONFIGS['fewshot'])} (default: all of the task's)")
+                        help=f"comma-separated subset; sentiment: {', '.join(CONFIGS['sentiment'])}; "
+                             f"fewshot: {', '.join(CONFIGS['fewshot'])} (default: all of the task's)")
     parser.add_argument("--define", action="append", type=_definition, default=[], metavar="'NAME: K=V ...'",
                         help="an extra configuration as overrides (repeatable); run by default with the others")
     parser.add_argument("--shots", type=_ints, help="k examples per class, e.g. 1,2,4,8,16 (fewshot default; "
