@@ -4,21 +4,31 @@
     accelerate launch recipes/lora_sentiment.py --config recipes/configs/clip_b16_lora.yaml \
         model.name=openai/clip-vit-base-patch16 data.train=my/train.jsonl data.eval=my/val.jsonl
 
+Without --config it runs recipes/configs/embedded_sentiment.yaml: the shipped tiny CLIP on the world's
+sentiment task, with the learning rates and budget tuned for it.
 The loop itself is `mmpeft.train.train`, the same function `mmpeft train` runs: read it top to bottom there.
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 from mmpeft import train
 from mmpeft.cli import add_train_arguments, config_from_args, report_user_errors
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embedded_sentiment.yaml"
 
-def recipe_main(argv: list[str] | None = None) -> dict:
+
+def recipe_config(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
-    cfg = config_from_args(parser.parse_args(argv))
-    return train(cfg)
+    args = parser.parse_args(argv)
+    args.config = args.config or str(DEFAULT_CONFIG)
+    return config_from_args(args)
+
+
+def recipe_main(argv: list[str] | None = None) -> dict:
+    return train(recipe_config(argv))
 
 
 if __name__ == "__main__":

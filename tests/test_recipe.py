@@ -92,3 +92,13 @@ def test_every_shipped_accelerate_config_parses_and_names_its_command(path):
     assert config.num_processes >= 1
     command = "accelerate launch --config_file recipes/accelerate/" + path.name
     assert path.read_text().startswith((f"# {command}", f"# Node 0: {command}", f"# ACCELERATE_USE_CPU=1 {command}"))
+
+
+def test_recipe_without_config_runs_the_embedded_yaml():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from lora_sentiment import DEFAULT_CONFIG, recipe_config
+
+    assert DEFAULT_CONFIG == ROOT / "recipes" / "configs" / "embedded_sentiment.yaml"
+    assert recipe_config([]) == load_config(DEFAULT_CONFIG)
+    assert recipe_config([]).model.name == "tiny-clip" and recipe_config([]).data.train is None
+    assert recipe_config(["train.epochs=1"]).train.epochs == 1
