@@ -7,11 +7,11 @@ k and seed, so runs differ only in which shots they saw. Class names are the att
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
+from .files import already_written, mark_written, write_manifest
 from .scenes import COLOURS, SHAPES, WEATHERS, render, sample_scene, scene_rng
 
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "weather": WEATHERS}
@@ -43,15 +43,8 @@ def write_fewshot(out_dir: str | os.PathLike, *, attribute: str = "shape", shots
     args = {"format": 1, "attribute": attribute, "shots": shots, "seed": seed, "val_per_class": val_per_class,
             "test_per_class": test_per_class, "image_size": image_size}
     paths = {split: out / f"{split}.jsonl" for split in ("train", "val", "test")}
-    marker = out / "world.json"
-    if marker.exists() and all(p.exists() for p in paths.values()):
-        try:
-            if json.loads(marker.read_text()) == args:
-                return paths
-        except json.JSONDecodeError:
-            pass
-    marker.unlink(missing_ok=True)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if already_written(out, paths, args):
+        return paths
     pick = random.Random(f"fewshot-{seed}")
     for split in paths:
         rows = []
@@ -66,7 +59,7 @@ def write_fewshot(out_dir: str | os.PathLike, *, attribute: str = "shape", shots
             for j, scene in scenes:
                 rel = f"images/{split}_{name}_{j:03d}.jpg"
                 render(scene, image_size).save(out / rel, format="JPEG", quality=95)
-                rows.append(json.dumps({"image": rel, "label": name}) + "\n")
-        paths[split].write_text("".join(rows), encoding="utf-8")
-    marker.write_text(json.dumps(args, indent=2) + "\n")
+                rows.append({"image": rel, "label": name})
+        write_manifest(paths[split], rows)
+    mark_written(out, args)
     return paths

@@ -9,12 +9,11 @@ scene in six), so recall on them, zero-shot and after fine-tuning, says somethin
 
 from __future__ import annotations
 
-import json
 import os
+import random
 from pathlib import Path
 
-import random
-
+from .files import already_written, mark_written, write_manifest
 from .scenes import Scene, render, sample_scene, scene_rng
 
 SPLIT_SIZES = {"train": 1024, "val": 256, "test": 512}
@@ -51,28 +50,19 @@ def write_retrieval(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[st
     out = Path(out_dir)
     paths = {split: out / f"{split}.jsonl" for split in sizes}
     args = {"format": 2, "task": "retrieval", "seed": seed, "sizes": sizes, "image_size": image_size}
-    marker = out / "world.json"
-    if marker.exists() and all(p.exists() for p in paths.values()):
-        try:
-            if json.loads(marker.read_text()) == args:
-                return paths
-        except json.JSONDecodeError:
-            pass
-    marker.unlink(missing_ok=True)  # written last: an interrupted run is never mistaken for a complete one
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if already_written(out, paths, args):
+        return paths
     for split, n in sizes.items():
         rows = []
         for i in range(n):
             scene, text = retrieval_pair(seed, split, i)
             rel = f"images/{split}_{i:05d}.jpg"
             render(scene, image_size).save(out / rel, format="JPEG", quality=95)
-            rows.append(json.dumps({
+            rows.append({
                 "image": rel, "text": text, "held_out": scene.held_out,
                 "scene": {"colour": scene.colour, "shape": scene.shape, "count": scene.count,
                           "position": scene.position, "weather": scene.weather, "expression": scene.expression},
-            }) + "\n")
-        tmp = paths[split].with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(rows), encoding="utf-8")
-        tmp.replace(paths[split])
-    marker.write_text(json.dumps(args, indent=2) + "\n")
+            })
+        write_manifest(paths[split], rows)
+    mark_written(out, args)
     return paths

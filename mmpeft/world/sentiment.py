@@ -16,13 +16,20 @@ tops out near 70 % accuracy and a text-only one near 63 %; reading both gets 100
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .scenes import OPINIONS, POLARITY_OF_EXPRESSION, Scene, render, sample_scene, scene_rng
+from .files import already_written, mark_written, write_manifest
+from .scenes import (
+    OPINIONS,
+    POLARITY_OF_EXPRESSION,
+    Scene,
+    render,
+    sample_scene,
+    scene_rng,
+)
 
 LABELS = ("positive", "neutral", "negative")
 EXPRESSION_OF_POLARITY = {v: k for k, v in POLARITY_OF_EXPRESSION.items()}
@@ -85,29 +92,20 @@ def write_sentiment(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[st
     out = Path(out_dir)
     paths = {split: out / f"{split}.jsonl" for split in sizes}
     args = {"format": 2, "seed": seed, "sizes": sizes, "image_size": image_size}
-    marker = out / "world.json"
-    if marker.exists() and all(p.exists() for p in paths.values()):
-        try:
-            if json.loads(marker.read_text()) == args:
-                return paths
-        except json.JSONDecodeError:
-            pass
-    marker.unlink(missing_ok=True)  # written last: an interrupted run is never mistaken for a complete one
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if already_written(out, paths, args):
+        return paths
     for split, n in sizes.items():
         rows = []
         for i in range(n):
             ex = sentiment_example(seed, split, i)
             rel = f"images/{split}_{i:05d}.jpg"
             render(ex.scene, image_size).save(out / rel, format="JPEG", quality=95)
-            rows.append(json.dumps({
+            rows.append({
                 "image": rel, "text": ex.text, "label": ex.label, "decided_by": ex.decided_by,
                 "text_polarity": ex.text_polarity, "image_polarity": ex.image_polarity,
                 "scene": {"colour": ex.scene.colour, "count": ex.scene.count, "position": ex.scene.position,
                           "weather": ex.scene.weather, "expression": ex.scene.expression},
-            }) + "\n")
-        tmp = paths[split].with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(rows), encoding="utf-8")
-        tmp.replace(paths[split])
-    marker.write_text(json.dumps(args, indent=2) + "\n")
+            })
+        write_manifest(paths[split], rows)
+    mark_written(out, args)
     return paths

@@ -6,7 +6,20 @@ import itertools
 
 import torch
 
-from .scenes import COLOURS, COUNTS, EXPRESSIONS, HELD_OUT, PLURALS, POSITIONS, SHAPES, WEATHERS, Scene, render, sample_scene, scene_rng
+from .scenes import (
+    COLOURS,
+    COUNTS,
+    EXPRESSIONS,
+    HELD_OUT,
+    PLURALS,
+    POSITIONS,
+    SHAPES,
+    WEATHERS,
+    Scene,
+    render,
+    sample_scene,
+    scene_rng,
+)
 
 # attribute -> (class names, how one scene reads that attribute)
 ATTRIBUTES = {
