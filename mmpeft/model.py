@@ -13,21 +13,27 @@ from .backbones import Backbone
 from .backbones.registry import TOWERS, BackboneFamily, TowerOutput
 from .config import Config, HeadConfig, ModelConfig
 from .heads import Head, PromptHead, build_head
-from .quant import TORCH_DTYPES, QuantizationError, cast_unquantized, quantize_linears, quantized_modules, skip_patterns
+from .quant import (
+    TORCH_DTYPES,
+    QuantizationError,
+    cast_unquantized,
+    quantize_linears,
+    quantized_modules,
+    skip_patterns,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class FusionClassifier(nn.Module):
-    """Runs the towers a head needs (frozen towers without autograd) and returns class logits."""
+class DualTowers(nn.Module):
+    """A (peft-wrapped) backbone whose towers each train as `frozen`, `lora` or `full`: what the classifier and
+    the retrieval model share. Frozen towers run without autograd and, like the BatchNorm layers of LoRA towers,
+    stay in eval mode."""
 
-    def __init__(self, backbone: nn.Module, family: BackboneFamily, head: Head, label_names: list[str],
-                 tower_modes: dict[str, str]):
+    def __init__(self, backbone: nn.Module, family: BackboneFamily, tower_modes: dict[str, str]):
         super().__init__()
         self.backbone = backbone
         self.family = family
-        self.head = head
-        self.label_names = list(label_names)
         self.tower_modes = dict(tower_modes)
 
     @property
@@ -47,6 +53,28 @@ class FusionClassifier(nn.Module):
         with self._grad_context("vision"):
             return self.family.encode_image(self.base, pixel_values)
 
+    def train(self, mode: bool = True):
+        """Frozen towers stay in eval mode: their dropout and normalisation statistics are not trained. So do the
+        BatchNorm layers of LoRA towers: running statistics are buffers, which a LoRA adapter file does not hold."""
+        super().train(mode)
+        for tower in TOWERS:
+            if self.tower_modes[tower] in ("frozen", "lora"):
+                for name in self.family.tower_modules[tower]:
+                    for module in getattr(self.base, name).modules():
+                        if self.tower_modes[tower] == "frozen" or isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()
+        return self
+
+
+class FusionClassifier(DualTowers):
+    """Runs the towers a head needs (frozen towers without autograd) and returns class logits."""
+
+    def __init__(self, backbone: nn.Module, family: BackboneFamily, head: Head, label_names: list[str],
+                 tower_modes: dict[str, str]):
+        super().__init__(backbone, family, tower_modes)
+        self.head = head
+        self.label_names = list(label_names)
+
     def _for_head(self, out: TowerOutput | None) -> TowerOutput | None:
         """Tower outputs in the head's dtype: a bf16 or quantized backbone feeds an fp32 head without autocast."""
         param = next(self.head.parameters(), None)
@@ -62,18 +90,6 @@ class FusionClassifier(nn.Module):
             text = self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
         image = self.encode_image(pixel_values) if self.head.uses_image else None
         return self.head(self._for_head(text), self._for_head(image))
-
-    def train(self, mode: bool = True) -> FusionClassifier:
-        """Frozen towers stay in eval mode: their dropout and normalisation statistics are not trained. So do the
-        BatchNorm layers of LoRA towers: running statistics are buffers, which a LoRA adapter file does not hold."""
-        super().train(mode)
-        for tower in TOWERS:
-            if self.tower_modes[tower] in ("frozen", "lora"):
-                for name in self.family.tower_modules[tower]:
-                    for module in getattr(self.base, name).modules():
-                        if self.tower_modes[tower] == "frozen" or isinstance(module, nn.modules.batchnorm._BatchNorm):
-                            module.eval()
-        return self
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

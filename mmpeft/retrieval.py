@@ -5,8 +5,6 @@ The towers train as for classification (frozen / LoRA / full, through the same p
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +13,7 @@ from .adapters import attach_adapters
 from .backbones import Backbone
 from .backbones.registry import TOWERS, BackboneFamily
 from .config import Config
-from .model import enable_gradient_checkpointing, prepare_quantization
+from .model import DualTowers, enable_gradient_checkpointing, prepare_quantization
 
 # A family without a learned logit scale (dual encoders, BLIP's transformers port) gets CLIP's initial
 # temperature, 1 / 0.07: fixed, not trained.
@@ -23,32 +21,18 @@ DEFAULT_LOGIT_SCALE = 1 / 0.07
 RECALL_AT = (1, 5, 10)
 
 
-class RetrievalModel(nn.Module):
+class RetrievalModel(DualTowers):
     """Both towers of a (peft-wrapped) backbone; `forward` gives the batch's image-to-text logits (B, B)."""
 
     def __init__(self, backbone: nn.Module, family: BackboneFamily, tower_modes: dict[str, str], logit_scale: float):
-        super().__init__()
-        self.backbone = backbone
-        self.family = family
-        self.tower_modes = dict(tower_modes)
+        super().__init__(backbone, family, tower_modes)
         self.logit_scale = float(logit_scale)  # the backbone's own, read once: it is not trained
-
-    @property
-    def base(self) -> nn.Module:
-        """The transformers model, with peft's layers injected where the adapter put them."""
-        get = getattr(self.backbone, "get_base_model", None)
-        return get() if get else self.backbone
-
-    def _grad_context(self, tower: str):
-        return torch.no_grad() if self.tower_modes[tower] == "frozen" else contextlib.nullcontext()
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised (image, text) embeddings, each (B, D), in float32."""
-        with self._grad_context("vision"):
-            image = self.family.encode_image(self.base, pixel_values).pooled
-        with self._grad_context("text"):
-            text = self.family.encode_text(self.base, input_ids, attention_mask).pooled
+        image = self.encode_image(pixel_values).pooled
+        text = self.encode_text(input_ids, attention_mask).pooled
         return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -61,17 +45,6 @@ class RetrievalModel(nn.Module):
         if embed:
             return image, text
         return self.logit_scale * image @ text.t()
-
-    def train(self, mode: bool = True) -> RetrievalModel:
-        """Frozen towers, and the BatchNorm layers of LoRA towers, stay in eval mode (as in FusionClassifier)."""
-        super().train(mode)
-        for tower in TOWERS:
-            if self.tower_modes[tower] in ("frozen", "lora"):
-                for name in self.family.tower_modules[tower]:
-                    for module in getattr(self.base, name).modules():
-                        if self.tower_modes[tower] == "frozen" or isinstance(module, nn.modules.batchnorm._BatchNorm):
-                            module.eval()
-        return self
 
 
 def build_retrieval_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
