@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmpeft.world.scenes import IMAGE_SIZE, pretraining_pair, render
+from mmpeft.world.scenes import HELD_OUT, IMAGE_SIZE, pretraining_pair, render
 from mmpeft.world.vocab import build_world_tokenizer
 from mmpeft.world.zero_shot import evaluation_scenes, zero_shot_accuracy
 
@@ -114,7 +114,7 @@ A {params / 1e6:.2f}M-parameter CLIP (transformers `CLIPModel`) pretrained with 
 - command: `{command}`
 - seed {args.seed}, {args.steps} steps of batch {args.batch_size} ({args.steps * args.batch_size:,} distinct pairs,
   none from the held-out colour-shape pairs), AdamW lr {args.lr}, weight decay {args.weight_decay}, cosine
-  schedule, {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads
+  schedule, {seconds / 60:.1f} min on {torch.get_num_threads()} CPU thread(s)
 - text tower {args.text_width} wide, vision tower {args.vision_width} wide, {args.layers} layers each,
   patch {args.patch}, embedding {args.embed_dim}; tokenizer: the merges of CLIP's BPE that the world's words use
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
 
     model = accelerator.unwrap_model(model).float()
-    results = {"held_out_pairs": sorted(map(list, __import__("mmpeft.world.scenes", fromlist=["HELD_OUT"]).HELD_OUT))}
+    results = {"held_out_pairs": sorted(map(list, HELD_OUT))}
     if accelerator.is_main_process:
         for split, held in (("held_out", True), ("seen", False)):
             scenes = evaluation_scenes(args.seed, args.eval_examples, held_out=held)
