@@ -175,6 +175,17 @@ def _apply_head_mode(head: nn.Module, cfg: HeadConfig) -> None:
             param.requires_grad_("lora_" in name)
 
 
+def prepare_towers(backbone: Backbone, model_cfg: ModelConfig) -> tuple[nn.Module, dict[str, str]]:
+    """Quantize, attach the peft adapter and switch on checkpointing as `model_cfg` asks: the step every model over
+    the towers (classifier, retrieval) starts with. Returns the wrapped backbone and each tower's mode."""
+    tower_modes = {tower: getattr(model_cfg, tower).mode for tower in TOWERS}
+    prepare_quantization(backbone, model_cfg)
+    peft_model = attach_adapters(backbone, model_cfg)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(backbone.model)
+    return peft_model, tower_modes
+
+
 def build_classifier(backbone: Backbone, cfg: Config, label_names: list[str], *, init_head: bool = True
                      ) -> FusionClassifier:
     """Attach adapters to the backbone as the tower modes ask and put the configured head on top.
@@ -183,11 +194,7 @@ def build_classifier(backbone: Backbone, cfg: Config, label_names: list[str], *,
     """
     if len(label_names) < 2:
         raise ValueError(f"A classifier needs at least 2 classes, got {label_names!r}.")
-    tower_modes = {tower: getattr(cfg.model, tower).mode for tower in TOWERS}
-    prepare_quantization(backbone, cfg.model)
-    peft_model = attach_adapters(backbone, cfg.model)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(backbone.model)
+    peft_model, tower_modes = prepare_towers(backbone, cfg.model)
     logit_scale = getattr(backbone.model, "logit_scale", None)
     head = build_head(
         cfg.head, backbone.embed_dims, len(label_names),

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import attach_adapters
 from .backbones import Backbone
-from .backbones.registry import TOWERS, BackboneFamily
+from .backbones.registry import BackboneFamily
 from .config import Config
-from .model import DualTowers, enable_gradient_checkpointing, prepare_quantization
+from .model import DualTowers, prepare_towers
 
 # A family without a learned logit scale (dual encoders, BLIP's transformers port) gets CLIP's initial
 # temperature, 1 / 0.07: fixed, not trained.
@@ -54,11 +53,7 @@ def build_retrieval_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
         raise ValueError(f"`task=retrieval` compares text and image embeddings, but {backbone.name!r} embeds text in "
                          f"{dims['text']} and images in {dims['vision']} dimensions: use a backbone with a shared "
                          "embedding space (CLIP, SigLIP, BLIP, open_clip).")
-    tower_modes = {tower: getattr(cfg.model, tower).mode for tower in TOWERS}
-    prepare_quantization(backbone, cfg.model)
-    peft_model = attach_adapters(backbone, cfg.model)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(backbone.model)
+    peft_model, tower_modes = prepare_towers(backbone, cfg.model)
     scale = getattr(backbone.model, "logit_scale", None)
     logit_scale = float(scale.detach().float().exp()) if scale is not None else DEFAULT_LOGIT_SCALE
     return RetrievalModel(peft_model, backbone.family, tower_modes, logit_scale)

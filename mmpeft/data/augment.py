@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from PIL import Image
@@ -68,18 +69,9 @@ class TextAugment:
     def active(self) -> bool:
         return self.word_dropout > 0 or self.synonym_swap > 0
 
-    def _groups(self) -> dict[str, tuple[str, ...]]:
-        if self.synonyms is None:
-            from ..world.vocab import SYNONYMS
-
-            groups = SYNONYMS
-        else:
-            groups = self.synonyms
-        return {word: group for group in groups for word in group}
-
     def __call__(self, text: str, *, epoch: int, index: int) -> str:
         rng = random.Random(f"{self.seed}:{epoch}:{index}:text")
-        groups = self._groups()
+        groups = _synonym_index(self.synonyms)
         tokens = re.findall(r"\w+|[^\w\s]", text)
         words = [i for i, t in enumerate(tokens) if t[0].isalnum() or t[0] == "_"]
         dropped = {i for i in words if rng.random() < self.word_dropout}
@@ -94,3 +86,13 @@ class TextAugment:
                 token = rng.choice([w for w in group if w != token.lower()] or [token])
             out.append(token)
         return re.sub(r"\s+([^\w\s])", r"\1", " ".join(out))
+
+
+@lru_cache(maxsize=8)
+def _synonym_index(groups: tuple[tuple[str, ...], ...] | None) -> dict[str, tuple[str, ...]]:
+    """word -> its synonym group, built once per group set (not once per caption)."""
+    if groups is None:
+        from ..world.vocab import SYNONYMS
+
+        groups = SYNONYMS
+    return {word: group for group in groups for word in group}
