@@ -52,13 +52,20 @@ def test_pretraining_never_shows_a_held_out_pair_and_captions_name_every_attribu
         plural = scenes.PLURALS[s.shape] if s.count > 1 else s.shape
         assert s.colour in c and f" {plural}" in c and s.position.replace("center", "") in c
         assert (s.expression or "") in c
-    # Faces are a third of the stream; half their captions carry a remark of the faces' own mood.
+    # Faces are a third of the stream. Half the captions of sunny, cloudy and rainy scenes give the day's mood
+    # as a remark instead of the sky; no other caption carries one.
     faces = [(s, c) for s, c in pairs if s.shape == "face"]
     assert 0.28 < len(faces) / len(pairs) < 0.38
-    remarks = {polarity: set(phrases) for polarity, phrases in scenes.OPINIONS.items()}
-    for s, c in faces:
-        said = {p for p, phrases in remarks.items() if any(phrase in c for phrase in phrases)}
-        assert said <= {scenes.POLARITY_OF_EXPRESSION[s.expression]}, (s, c)
+    sky_words = {phrase for phrases in scenes._WEATHER_PHRASES.values() for phrase in phrases}
+    with_remark = 0
+    for s, c in pairs:
+        said = {p for p, phrases in scenes.OPINIONS.items() if any(phrase in c for phrase in phrases)}
+        assert said <= {scenes.MOOD_OF_WEATHER.get(s.weather)} - {None}, (s, c)
+        assert bool(said) != any(phrase in c for phrase in sky_words), (s, c)  # a remark or the sky, not both
+        with_remark += bool(said)
+    assert 0.25 < with_remark / len(pairs) < 0.35
+    used = {phrase for _, c in pairs for phrases in scenes.OPINIONS.values() for phrase in phrases if phrase in c}
+    assert used == {phrase for phrases in scenes.OPINIONS.values() for phrase in phrases}  # pretraining saw them all
     held = evaluation_scenes(0, 100, held_out=True)
     assert all(s.held_out for s in held)
 
@@ -88,6 +95,14 @@ def test_sentiment_follows_its_rule_and_neither_modality_alone_suffices(tmp_path
         assert r["scene"]["weather"] == sentiment.WEATHER_OF_POLARITY[r["image_polarity"]]
         by_image[r["image_polarity"]][r["label"]] += 1
         by_text[r["text_polarity"]][r["label"]] += 1
+    # Training posts use one half of the opinion phrases, val and test posts the other (pretraining saw both).
+    for split in ("train", "val", "test"):
+        for r in (json.loads(line) for line in paths[split].read_text().splitlines()):
+            phrases = [p for polarity in sentiment.LABELS for p in scenes.OPINIONS[polarity] if r["text"].startswith(p)
+                       or r["text"].endswith(p)]
+            assert phrases and set(phrases) <= set(sentiment.PHRASES[split][r["text_polarity"]]), (split, r["text"])
+    assert not {p for ps in sentiment.PHRASES["train"].values() for p in ps} & {
+        p for ps in sentiment.PHRASES["test"].values() for p in ps}
     assert {r["decided_by"] for r in rows} == {"both", "image", "text"}
     assert {r["label"] for r in rows} == set(sentiment.LABELS)
     # The best a model reading one modality can do: predict the majority label of what it sees.
@@ -205,6 +220,34 @@ def test_shipped_tiny_clip_is_small_loads_offline_and_beats_chance_zero_shot():
     assert random.fingerprint != backbone.fingerprint
     shapes = {n: p.shape for n, p in backbone.model.named_parameters()}
     assert shapes == {n: p.shape for n, p in random.model.named_parameters()}  # same architecture, other weights
+
+
+def _phrase_probe(model: tf.CLIPModel, tokenizer) -> float:
+    """Fit a linear probe on frozen text features of training posts; its accuracy on val posts' polarity."""
+    def features(split: str, n: int):
+        examples = [sentiment.sentiment_example(0, split, i) for i in range(n)]
+        batch = tokenizer([e.text for e in examples], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            x = torch.nn.functional.normalize(model.text_model(**batch).pooler_output.float(), dim=-1) * 10
+        return x, torch.tensor([sentiment.LABELS.index(e.text_polarity) for e in examples])
+
+    (x, y), (x_val, y_val) = features("train", 300), features("val", 150)
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x.shape[1], len(sentiment.LABELS))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(probe(x), y).backward()
+        optimizer.step()
+    assert (probe(x).argmax(-1) == y).float().mean() > 0.9  # the training phrases are separable either way
+    return (probe(x_val).argmax(-1) == y_val).float().mean().item()
+
+
+def test_shipped_text_tower_knows_the_opinion_phrases_fine_tuning_never_shows():
+    """Val/test posts use opinion phrases training posts never do: only pretraining can have taught them."""
+    pretrained, random_init = load_backbone("tiny-clip"), load_backbone("tiny-clip-random")
+    assert _phrase_probe(pretrained.model.float().eval(), pretrained.tokenizer) >= 0.9
+    assert _phrase_probe(random_init.model.float().eval(), random_init.tokenizer) < 0.6
 
 
 def test_text_augmentation_reaches_training_batches_only(tmp_path, tiny_paths):

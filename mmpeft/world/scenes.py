@@ -35,8 +35,10 @@ POSITIONS = ("left", "center", "right")
 WEATHERS = ("sunny", "cloudy", "rainy", "snowy", "night")
 
 POLARITY_OF_EXPRESSION = {"smiling": "positive", "neutral": "neutral", "frowning": "negative"}
-# Remarks people add to a picture, by polarity: pretraining captions of faces carry them (matching the faces'
-# mood); posts in the sentiment task carry them (the text's own polarity).
+# The mood of a day: pretraining captions of these skies sometimes give it as a remark instead of naming the sky.
+MOOD_OF_WEATHER = {"sunny": "positive", "cloudy": "neutral", "rainy": "negative"}
+# Remarks people add to a picture, by polarity. In pretraining they stand in for the sky (all of them); in the
+# sentiment task they carry the post's own polarity (the first half in training posts, the rest in val/test).
 OPINIONS = {
     "positive": ("i love this", "what a wonderful sight", "this made my day", "so happy to see this",
                  "absolutely lovely", "best moment ever", "what a great day", "pure joy"),
@@ -76,6 +78,8 @@ _CAPTION_TEMPLATES = (
     "{weather}, {things} {position}",
     "a drawing of {things} {position} {weather}",
 )
+_SKYLESS_TEMPLATES = ("a photo of {things} {position}", "{things} {position}", "a picture of {things}, {position}",
+                      "a drawing of {things} {position}")
 
 
 @dataclass(frozen=True)
@@ -138,9 +142,9 @@ def sample_scene(rng: random.Random, *, held_out: bool | None = False, shape: st
                  size=0, seed=rng.getrandbits(31))._sized(rng)
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """One of several phrasings describing every attribute of the scene."""
-    template = rng.choice(_CAPTION_TEMPLATES)
+def caption(scene: Scene, rng: random.Random, *, sky: bool = True) -> str:
+    """One of several phrasings describing every attribute of the scene (all but the sky with `sky=False`)."""
+    template = rng.choice(_CAPTION_TEMPLATES if sky else _SKYLESS_TEMPLATES)
     return template.format(things=scene.things(rng), position=rng.choice(_POSITION_PHRASES[scene.position]),
                            weather=rng.choice(_WEATHER_PHRASES[scene.weather]))
 
@@ -153,18 +157,19 @@ def scene_rng(seed: int, index: int, stream: str = "") -> random.Random:
 def pretraining_pair(seed: int, index: int) -> tuple[Scene, str]:
     """Example `index` of the pretraining stream: a scene outside HELD_OUT and a caption of it.
 
-    A third of the scenes are faces, and half of their captions carry a remark whose mood matches the faces
-    ("what a wonderful sight" for smiling ones), as web alt-text does: that is where the text tower meets
-    opinion words and the vision tower learns that expressions matter.
+    A third of the scenes are faces. Half of the captions of sunny, cloudy and rainy scenes give the mood of
+    the day as a remark instead of naming the sky ("what a wonderful sight" in the sun, "just posted this"
+    under clouds, "what a gloomy day" in the rain), as web alt-text does: to match such a caption to its image
+    the text tower has to learn what every opinion phrase means, which is what the sentiment task builds on.
     """
     rng = scene_rng(seed, index, "pretrain")
     shape = "face" if rng.random() < 1 / 3 else rng.choice([s for s in SHAPES if s != "face"])
     scene = sample_scene(rng, held_out=False, shape=shape)
-    text = caption(scene, rng)
-    if scene.expression and rng.random() < 0.5:
-        remark = rng.choice(OPINIONS[POLARITY_OF_EXPRESSION[scene.expression]])
-        text = f"{remark}: {text}" if rng.random() < 0.5 else f"{text}, {remark}"
-    return scene, text
+    mood = MOOD_OF_WEATHER.get(scene.weather)
+    if mood is None or rng.random() < 0.5:
+        return scene, caption(scene, rng)
+    remark, text = rng.choice(OPINIONS[mood]), caption(scene, rng, sky=False)
+    return scene, f"{remark}: {text}" if rng.random() < 0.5 else f"{text}, {remark}"
 
 
 # ---- drawing -----------------------------------------------------------------------------------------------

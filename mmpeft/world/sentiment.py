@@ -11,6 +11,11 @@ both (`label_for`):
 
 Image polarities are drawn 45 % neutral, 27.5 % each way, text polarities uniformly, so an image-only model
 tops out near 70 % accuracy and a text-only one near 63 %; reading both gets 100 %.
+
+Training posts are written with half of each polarity's opinion phrases, validation and test posts with the
+other half (`PHRASES`), as a deployed model meets people who put things their own way. A model can only read
+those posts if it knows what their words mean before fine-tuning: pretraining taught the text tower every
+phrase (`scenes.pretraining_pair`), random initialisation did not.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 from .files import already_written, mark_written, write_manifest
 from .scenes import (
+    MOOD_OF_WEATHER,
     OPINIONS,
     POLARITY_OF_EXPRESSION,
     Scene,
@@ -39,8 +45,10 @@ _POST_TEMPLATES = ("{opinion}! {description}", "{description}. {opinion}", "{opi
 _DESCRIPTIONS = ("{things} {where}", "{things}", "{things} in this one")
 _WHERE = {"left": "on the left", "center": "in the middle", "right": "on the right"}
 # The image's polarity shows twice: in the faces and in the sky (smiling under the sun, frowning in the rain).
-WEATHER_OF_POLARITY = {"positive": "sunny", "neutral": "cloudy", "negative": "rainy"}
+WEATHER_OF_POLARITY = {v: k for k, v in MOOD_OF_WEATHER.items()}
 SPLIT_SIZES = {"train": 1200, "val": 300, "test": 600}
+PHRASES = {split: {polarity: phrases[:4] if split == "train" else phrases[4:] for polarity, phrases in OPINIONS.items()}
+           for split in SPLIT_SIZES}
 
 
 def label_for(text_polarity: str, image_polarity: str) -> tuple[str, str]:
@@ -60,10 +68,10 @@ class SentimentExample:
     decided_by: str
 
 
-def _post(scene: Scene, polarity: str, rng: random.Random) -> str:
+def _post(scene: Scene, phrases: tuple[str, ...], rng: random.Random) -> str:
     things = scene.things(rng).replace(f"{scene.expression} ", "")  # the text never names expression or sky
     description = rng.choice(_DESCRIPTIONS).format(things=things, where=_WHERE[scene.position])
-    return rng.choice(_POST_TEMPLATES).format(opinion=rng.choice(OPINIONS[polarity]), description=description)
+    return rng.choice(_POST_TEMPLATES).format(opinion=rng.choice(phrases), description=description)
 
 
 def sentiment_example(seed: int, split: str, index: int) -> SentimentExample:
@@ -74,7 +82,7 @@ def sentiment_example(seed: int, split: str, index: int) -> SentimentExample:
     scene = sample_scene(rng, held_out=None, shape="face", expression=EXPRESSION_OF_POLARITY[image_polarity])
     scene = dataclasses.replace(scene, weather=WEATHER_OF_POLARITY[image_polarity])
     label, decided_by = label_for(text_polarity, image_polarity)
-    return SentimentExample(scene, _post(scene, text_polarity, rng), text_polarity, image_polarity, label,
+    return SentimentExample(scene, _post(scene, PHRASES[split][text_polarity], rng), text_polarity, image_polarity, label,
                             decided_by)
 
 
@@ -91,7 +99,7 @@ def write_sentiment(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[st
         raise ValueError(f"sizes must give train, val and test at least 3 examples each; got {sizes}")
     out = Path(out_dir)
     paths = {split: out / f"{split}.jsonl" for split in sizes}
-    args = {"format": 2, "seed": seed, "sizes": sizes, "image_size": image_size}
+    args = {"format": 3, "seed": seed, "sizes": sizes, "image_size": image_size}
     if already_written(out, paths, args):
         return paths
     for split, n in sizes.items():
