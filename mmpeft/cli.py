@@ -30,33 +30,40 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """Score a saved classifier (report by class) or retrieval model (recall@k both ways) on a manifest."""
     from accelerate import Accelerator
 
     from .data.loaders import make_loader
     from .data.manifest import read_split
     from .evaluation import evaluate
     from .metrics import format_report
-    from .saving import load_adapter
+    from .retrieval import evaluate_retrieval, format_retrieval_report
+    from .saving import load_adapter, load_retrieval_model, read_manifest
 
-    model = load_adapter(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
+    retrieval = read_manifest(args.adapter)["config"].get("task") == "retrieval"
+    load = load_retrieval_model if retrieval else load_adapter
+    model = load(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
     data_cfg = model.config.data
     data_cfg.batch_size = args.batch_size or data_cfg.eval_batch_size or data_cfg.batch_size
     data_cfg.num_workers = args.num_workers
+    label_names = None if retrieval else model.label_names
     split = read_split(args.data, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
-                       label_column=data_cfg.label_column, label_names=model.label_names,
+                       label_column=data_cfg.label_column, require_labels=not retrieval, label_names=label_names,
                        check_images=data_cfg.check_images, skip_bad_rows=args.skip_bad_rows,
                        allow_outside_root=data_cfg.allow_outside_root,
-                       require_text=model.config.head.reads_captions)
-    loader, _ = make_loader(split, model.label_names, model.source, data_cfg, train=False)
-    label_names = model.label_names
+                       require_text=retrieval or model.config.head.reads_captions)
+    loader, _ = make_loader(split, label_names, model.source, data_cfg, train=False)
     accelerator = Accelerator()
     model, loader = accelerator.prepare(model, loader)
-    metrics = evaluate(model, loader, accelerator, label_names)
+    if retrieval:
+        metrics, report = evaluate_retrieval(model, loader, accelerator), format_retrieval_report
+    else:
+        metrics, report = evaluate(model, loader, accelerator, label_names), format_report
     metrics["data"] = {"manifest": args.data, "skipped_rows": [{"row": r, "reason": w} for r, w in split.skipped]}
     out = Path(args.output or Path(args.adapter) / f"eval-{Path(args.data).stem}.json")
     if accelerator.is_main_process:
         out.write_text(json.dumps(metrics, indent=2))
-        print(format_report(metrics))
+        print(report(metrics))
         print(f"metrics written to {out}")
     accelerator.end_training()
     return 0
@@ -150,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a trained adapter on a labelled manifest")
+    p = sub.add_parser("eval", help="evaluate a trained adapter on a manifest (labelled, or image-caption pairs for "
+                       "a retrieval model)")
     p.add_argument("--adapter", required=True, help="output folder of a training run")
-    p.add_argument("--data", required=True, help="CSV / JSONL manifest or datasets folder with labels")
+    p.add_argument("--data", required=True, help="CSV / JSONL manifest or datasets folder (with labels for a "
+                   "classifier)")
     p.add_argument("--base", help="load the backbone from here instead of the recorded name")
     p.add_argument("--trust-pickle-weights", action="store_true",
                    help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")

@@ -136,6 +136,18 @@ def test_saved_adapter_loads_through_stock_peft_and_mmpeft_with_equal_outputs(tr
         load_adapter(out)
 
 
+def test_mmpeft_eval_scores_a_retrieval_model_as_the_run_did(trained, world32, tmp_path, capsys):
+    from mmpeft.cli import main as cli_main
+
+    out, results = trained
+    written = tmp_path / "eval.json"
+    assert cli_main(["eval", "--adapter", str(out), "--data", str(world32["train"]), "--num-workers", "0",
+                     "--output", str(written)]) == 0
+    scored = json.loads(written.read_text())
+    assert {k: v for k, v in scored.items() if k != "data"} == results["eval"]
+    assert "image->text" in capsys.readouterr().out
+
+
 def test_recipe_on_two_ranks_trains_the_embedded_world_set_and_counts_every_pair_once(tmp_path, tiny_paths):
     """The recipe as users launch it, on 2 CPU ranks; 512 test pairs in eval batches of 12 split unevenly, and
     the gathered recall must equal one process's."""
