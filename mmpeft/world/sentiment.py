@@ -82,8 +82,8 @@ def sentiment_example(seed: int, split: str, index: int) -> SentimentExample:
     scene = sample_scene(rng, held_out=None, shape="face", expression=EXPRESSION_OF_POLARITY[image_polarity])
     scene = dataclasses.replace(scene, weather=WEATHER_OF_POLARITY[image_polarity])
     label, decided_by = label_for(text_polarity, image_polarity)
-    return SentimentExample(scene, _post(scene, PHRASES[split][text_polarity], rng), text_polarity, image_polarity, label,
-                            decided_by)
+    text = _post(scene, PHRASES[split][text_polarity], rng)
+    return SentimentExample(scene, text, text_polarity, image_polarity, label, decided_by)
 
 
 def write_sentiment(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[str, int] | None = None,
