@@ -6,6 +6,8 @@ The towers train as for classification (frozen / LoRA / full, through the same p
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -63,6 +65,24 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy (image->text and text->image) of (B, B) logits whose pairs are on the diagonal."""
     targets = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def contrastive_loss_across_processes(image: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """The contrastive loss of this process's pairs against the captions and images of every process.
+
+    Each process scores its own B pairs (rows) against all N * B candidates (columns), so a batch of B per
+    process has the negatives of one batch of N * B, as in open_clip's `gather_with_grad` + `local_loss`. The
+    gathered embeddings keep their gradient (it flows back to the process that computed them), and the data
+    parallel wrapper's gradient average then gives exactly the gradient of one process with the whole batch.
+    One process: `contrastive_loss` of the batch. Every process must hold the same B (Accelerate's
+    `even_batches`, on by default, pads the last batch).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return contrastive_loss(logit_scale * image @ text.t())
+    all_image, all_text = (torch.cat(dist_nn.all_gather(x)) for x in (image, text))
+    targets = torch.arange(len(image), device=image.device) + dist.get_rank() * len(image)
+    image_to_text, text_to_image = logit_scale * image @ all_text.t(), logit_scale * text @ all_image.t()
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2
 
 
 def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, *, logit_scale: float,

@@ -26,10 +26,20 @@ from .checkpoints import (
 from .config import Config
 from .data.loaders import build_dataloaders
 from .evaluation import evaluate
-from .faults import TrainingError, loss_is_finite, out_of_memory_advice, stop_on_interrupt
+from .faults import (
+    TrainingError,
+    loss_is_finite,
+    out_of_memory_advice,
+    stop_on_interrupt,
+)
 from .metrics import format_report
 from .model import build_classifier
-from .retrieval import build_retrieval_model, contrastive_loss, evaluate_retrieval, format_retrieval_report
+from .retrieval import (
+    build_retrieval_model,
+    contrastive_loss_across_processes,
+    evaluate_retrieval,
+    format_retrieval_report,
+)
 from .saving import ADAPTER_FILES, MANIFEST, save_adapter
 from .training_utils import (
     EarlyStopping,
@@ -99,9 +109,12 @@ def train(cfg: Config) -> dict:
     eval_loader, test_loader = (accelerator.prepare(x) if x is not None else None for x in (eval_loader, test_loader))
     accelerator.register_save_state_pre_hook(_save_trainable_only)  # frozen weights come from the backbone
     zero_shot = {}
-    if retrieval:  # contrastive loss within each batch; recall@k over a whole split
-        def loss_fn(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-            return contrastive_loss(outputs.float())
+    if retrieval:  # contrastive loss against every process's pairs; recall@k over a whole split
+        logit_scale = accelerator.unwrap_model(model).logit_scale
+
+        def step_loss(batch: dict) -> torch.Tensor:
+            image, text = model(**batch, embed=True)
+            return contrastive_loss_across_processes(image, text, logit_scale)
 
         def evaluate_split(loader) -> dict:
             return evaluate_retrieval(model, loader, accelerator)
@@ -118,8 +131,8 @@ def train(cfg: Config) -> dict:
                                             label_smoothing=cfg.train.label_smoothing)
         eval_loss = nn.CrossEntropyLoss(weight=weights)  # on the gathered CPU logits
 
-        def loss_fn(outputs: torch.Tensor, batch: dict) -> torch.Tensor:
-            return cross_entropy(outputs.float(), batch["labels"])
+        def step_loss(batch: dict) -> torch.Tensor:
+            return cross_entropy(model(**batch).float(), batch["labels"])
 
         def evaluate_split(loader) -> dict:
             return evaluate(model, loader, accelerator, data.label_names, eval_loss)
@@ -169,7 +182,7 @@ def train(cfg: Config) -> dict:
                 state.batches_in_epoch += 1
                 with accelerator.accumulate(model):
                     try:
-                        loss = loss_fn(model(**batch), batch)
+                        loss = step_loss(batch)
                         if not loss_is_finite(loss, accelerator):
                             if not cfg.train.skip_nonfinite:
                                 raise TrainingError(

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mmpeft import load_config
@@ -80,3 +81,20 @@ def test_fsdp2_trains_a_4bit_backbone_on_two_ranks(tmp_path, tiny_paths, ddp_dat
     manifest = json.loads((out / "mmpeft.json").read_text())
     assert manifest["config"]["model"]["quantization"]["bits"] == 4
     assert json.loads((out / "metrics.json").read_text())["num_processes"] == 2
+
+
+def test_two_rank_retrieval_scores_every_rank_negatives_and_ends_where_one_process_ends(tmp_path, tiny_paths,
+                                                                                     ddp_data):
+    """Each rank's 4 pairs are scored against all 8 captions and images (gathered with their gradient), so 2 ranks
+    x batch 4 train exactly as 1 process x batch 8; a per-rank loss (4 candidates) would end elsewhere."""
+    retrieval = str(ROOT / "recipes" / "configs" / "embedded_retrieval.yaml")
+    common = [f"model.name={tiny_paths['clip']}", f"data.train={ddp_data['train']}", f"data.eval={ddp_data['eval']}",
+              "data.test=null", "train.epochs=2", "train.lr_lora=5e-3", "train.warmup_ratio=0", *QUIET]
+    two = launch_two_ranks(["--config", retrieval, *common, "data.batch_size=4", f"train.output_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-6000:]
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2
+    train(load_config(retrieval, [*common, "data.batch_size=8", f"train.output_dir={tmp_path / 'one'}"]))
+    one, two = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
+    assert one.keys() == two.keys() and any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-5, msg=key)
