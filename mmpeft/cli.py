@@ -118,15 +118,24 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_world_set(out_dir: str, write) -> dict[str, Path]:
+    """Run a world writer into `out_dir` (refusing a folder with other files in it) and list what it wrote."""
+    from .world.files import MARKER
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise FileExistsError(f"{out} is not empty and holds no world data set; choose an empty or new folder.")
+    paths = write(out)
+    for split, path in paths.items():
+        print(f"{split}: {path} ({len(path.read_text(encoding='utf-8').splitlines())} examples)")
+    return paths
+
+
 def _make_sentiment(args: argparse.Namespace) -> int:
     from .world.sentiment import write_sentiment
 
-    out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "world.json").exists():
-        raise FileExistsError(f"{out} is not empty and holds no world data set; choose an empty or new folder.")
-    paths = write_sentiment(out, seed=args.seed, sizes={"train": args.train, "val": args.val, "test": args.test})
-    for split, path in paths.items():
-        print(f"{split}: {path} ({sum(1 for _ in open(path, encoding='utf-8'))} examples)")
+    sizes = {"train": args.train, "val": args.val, "test": args.test}
+    paths = _write_world_set(args.out_dir, lambda out: write_sentiment(out, seed=args.seed, sizes=sizes))
     print(f"train on it: mmpeft train data.train={paths['train']} data.eval={paths['val']} data.test={paths['test']}")
     return 0
 
@@ -134,12 +143,8 @@ def _make_sentiment(args: argparse.Namespace) -> int:
 def _make_fewshot(args: argparse.Namespace) -> int:
     from .world.fewshot import write_fewshot
 
-    out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "world.json").exists():
-        raise FileExistsError(f"{out} is not empty and holds no world data set; choose an empty or new folder.")
-    paths = write_fewshot(out, attribute=args.attribute, shots=args.shots, seed=args.seed)
-    for split, path in paths.items():
-        print(f"{split}: {path} ({sum(1 for _ in open(path, encoding='utf-8'))} examples)")
+    _write_world_set(args.out_dir, lambda out: write_fewshot(out, attribute=args.attribute, shots=args.shots,
+                                                             seed=args.seed))
     return 0
 
 

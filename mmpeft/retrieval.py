@@ -74,13 +74,14 @@ def contrastive_loss_across_processes(image: torch.Tensor, text: torch.Tensor, l
     process has the negatives of one batch of N * B, as in open_clip's `gather_with_grad` + `local_loss`. The
     gathered embeddings keep their gradient (it flows back to the process that computed them), and the data
     parallel wrapper's gradient average then gives exactly the gradient of one process with the whole batch.
-    One process: `contrastive_loss` of the batch. Every process must hold the same B (Accelerate's
+    One process: `contrastive_loss` of the batch's logits. Every process must hold the same B (Accelerate's
     `even_batches`, on by default, pads the last batch).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return contrastive_loss(logit_scale * image @ text.t())
-    all_image, all_text = (torch.cat(dist_nn.all_gather(x)) for x in (image, text))
-    targets = torch.arange(len(image), device=image.device) + dist.get_rank() * len(image)
+    offset, all_image, all_text = 0, image, text
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        offset = dist.get_rank() * len(image)
+        all_image, all_text = (torch.cat(dist_nn.all_gather(x)) for x in (image, text))
+    targets = torch.arange(len(image), device=image.device) + offset
     image_to_text, text_to_image = logit_scale * image @ all_text.t(), logit_scale * text @ all_image.t()
     return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2
 

@@ -35,10 +35,10 @@ def embedded_manifests(task: str = "classification") -> dict[str, str]:
         from ..world.retrieval import write_retrieval
 
         paths = write_retrieval(cache_dir() / "world-retrieval-v2", seed=0)
-        return {"train": str(paths["train"]), "eval": str(paths["val"]), "test": str(paths["test"])}
-    from ..world.sentiment import write_sentiment
+    else:
+        from ..world.sentiment import write_sentiment
 
-    paths = write_sentiment(cache_dir() / "world-sentiment-v1", seed=0)
+        paths = write_sentiment(cache_dir() / "world-sentiment-v1", seed=0)
     return {"train": str(paths["train"]), "eval": str(paths["val"]), "test": str(paths["test"])}
 
 
