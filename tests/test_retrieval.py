@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,17 @@ def test_recipe_on_two_ranks_trains_the_embedded_world_set_and_counts_every_pair
     one = evaluate_retrieval(model, loader, Accelerator(cpu=True))
     for key, value in one.items():
         assert metrics["test"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_recipe_without_config_runs_the_embedded_retrieval_config():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from lora_retrieval import DEFAULT_CONFIG, recipe_config
+
+    assert DEFAULT_CONFIG == ROOT / "recipes" / "configs" / "embedded_retrieval.yaml"
+    assert recipe_config([]) == load_config(DEFAULT_CONFIG)
+    assert recipe_config([]).task == "retrieval" and recipe_config([]).data.train is None
+    with pytest.raises(ValueError, match="metric_for_best=macro_f1` is not a retrieval metric"):
+        recipe_config(["--config", str(ROOT / "recipes" / "configs" / "embedded_sentiment.yaml")])
 
 
 def test_bad_retrieval_configs_name_the_key(tmp_path, tiny_paths):
