@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib
 import json
 import os
 import platform
@@ -105,7 +106,7 @@ def build_checkpoint(name: str, folder: Path) -> Path:
     import transformers as tf
 
     from mmpeft.backbones.shapes import known_config
-    from mmpeft.backbones.tiny import _clip_bpe_tokenizer
+    from mmpeft.backbones.tokenizers import clip_bpe_tokenizer
 
     config = known_config(name)
     torch.manual_seed(0)
@@ -113,7 +114,7 @@ def build_checkpoint(name: str, folder: Path) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
     # The full CLIP vocabulary (49,408 tokens) from open_clip's shipped BPE merges.
-    _clip_bpe_tokenizer(config.text_config.vocab_size - 512 - 2, max_length=77).save_pretrained(tmp)
+    clip_bpe_tokenizer(config.text_config.vocab_size - 512 - 2, max_length=77).save_pretrained(tmp)
     size = config.vision_config.image_size
     tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
     tmp.rename(folder)
@@ -139,7 +140,7 @@ def _mmpeft_setup(mode: str, checkpoint: Path, gc_on: bool):
     from accelerate import Accelerator
 
     from mmpeft import build_classifier, load_backbone, load_config
-    from mmpeft.training_utils import build_optimizer, resolve_mixed_precision
+    from mmpeft.training.optim import build_optimizer, resolve_mixed_precision
 
     cfg = load_config(None, [f"model.name={checkpoint}", *MMPEFT_MODES[mode], f"model.gradient_checkpointing={gc_on}",
                              "model.text.lora.dropout=0.0", "model.vision.lora.dropout=0.0", "head.hidden=0",
@@ -189,7 +190,7 @@ def _plain_setup(mode: str, checkpoint: Path):
     head = torch.nn.Linear(2 * dim, 3).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    bf16 = _cuda() or __import__("mmpeft.training_utils").training_utils.cpu_supports_bf16()
+    bf16 = _cuda() or importlib.import_module("mmpeft.training.optim").cpu_supports_bf16()
 
     def step(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

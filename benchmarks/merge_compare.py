@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mmpeft.compare import CONFIGS, plan_configs
-from mmpeft.compare_report import write_report
+from mmpeft.compare.runner import CONFIGS, plan_configs
+from mmpeft.compare.report import write_report
 
 SAME = ("task", "base", "extra_overrides", "task_overrides", "quick", "attribute")
 

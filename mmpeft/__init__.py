@@ -1,19 +1,28 @@
 """mmpeft: parameter-efficient fine-tuning of vision-language dual encoders for classification."""
 
-from .adapters import attach_adapters, build_lora_config, lora_module_names, tower_targets, trainable_report
 from .backbones import Backbone, BackboneError, BackboneFamily, get_family, list_backbones, load_backbone
-from .config import (Config, DataConfig, HeadConfig, LoraSettings, ModelConfig, QuantConfig, TowerConfig, TrainConfig,
-                     load_config)
+from .config import (
+                     Config,
+                     DataConfig,
+                     HeadConfig,
+                     LoraSettings,
+                     ModelConfig,
+                     QuantConfig,
+                     TowerConfig,
+                     TrainConfig,
+                     load_config,
+)
 from .data import DataError, read_split
-from .world import write_sentiment
 from .data.loaders import build_dataloaders
-from .evaluation import evaluate, predict_logits
-from .heads import build_head
-from .metrics import classification_metrics
-from .model import FusionClassifier, build_classifier
-from .retrieval import RetrievalModel, build_retrieval_model, contrastive_loss, evaluate_retrieval
-from .saving import load_adapter, load_retrieval_model, save_adapter
-from .train import train
+from .models.adapters import attach_adapters, build_lora_config, lora_module_names, tower_targets, trainable_report
+from .models.classifier import FusionClassifier, build_classifier
+from .models.heads import build_head
+from .models.retrieval import RetrievalModel, build_retrieval_model, contrastive_loss, evaluate_retrieval
+from .models.saving import load_adapter, load_retrieval_model, save_adapter
+from .training.evaluation import evaluate, predict_logits
+from .training.loop import train
+from .training.metrics import classification_metrics
+from .world import write_sentiment
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
-"""`mmpeft` command line: train, eval, predict, backbones."""
+"""`mmpeft` command line: one `_add_<command>` function per command (its arguments) and one `_<command>` that runs
+it; user errors (`MmpeftError`) print their message and exit 2."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from .errors import ConfigError, MmpeftError, PathExistsError
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +26,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training.loop import train
 
     train(config_from_args(args))
     return 0
@@ -35,10 +38,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .data.loaders import make_loader
     from .data.manifest import read_split
-    from .evaluation import evaluate
-    from .metrics import format_report
-    from .retrieval import evaluate_retrieval, format_retrieval_report
-    from .saving import load_adapter, load_retrieval_model, read_manifest
+    from .models.retrieval import evaluate_retrieval, format_retrieval_report
+    from .models.saving import load_adapter, load_retrieval_model, read_manifest
+    from .training.evaluation import evaluate
+    from .training.metrics import format_report
 
     retrieval = read_manifest(args.adapter)["config"].get("task") == "retrieval"
     load = load_retrieval_model if retrieval else load_adapter
@@ -70,12 +73,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .inference import predict
-    from .saving import load_adapter
+    from .export.inference import predict
+    from .models.saving import load_adapter
 
     model = load_adapter(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
     if args.text is None and model.config.head.reads_captions:
-        raise ValueError(f"--text is required: the `{model.config.head.type}` head of {args.adapter} reads a caption "
+        raise ConfigError(f"--text is required: the `{model.config.head.type}` head of {args.adapter} reads a caption "
                          "with each image.")
     probs = predict(model, [args.image], [args.text or ""])[0]
     ranked = sorted(zip(model.label_names, probs.tolist()), key=lambda x: -x[1])
@@ -94,7 +97,7 @@ def _backbones(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .export.merge import merge
 
     report = merge(args.out_dir, args.to, requantize=args.requantize, dtype=args.dtype, overwrite=args.overwrite)
     for key in ("max_abs_diff_full_precision", "max_abs_diff_requantized", "max_abs_diff_dequantized_vs_as_trained"):
@@ -124,7 +127,7 @@ def _write_world_set(out_dir: str, write) -> dict[str, Path]:
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise FileExistsError(f"{out} is not empty and holds no world data set; choose an empty or new folder.")
+        raise PathExistsError(f"{out} is not empty and holds no world data set; choose an empty or new folder.")
     paths = write(out)
     for split, path in paths.items():
         print(f"{split}: {path} ({len(path.read_text(encoding='utf-8').splitlines())} examples)")
@@ -149,19 +152,19 @@ def _make_fewshot(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import run_from_args
+    from .compare.runner import run_from_args
 
     return run_from_args(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmpeft", description="Fine-tune vision-language dual encoders.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a classifier (the same loop as recipes/lora_sentiment.py)")
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a classifier or a retrieval model (`task=`; the same loop as the "
+                       "recipes)")
     add_train_arguments(p)
     p.set_defaults(func=_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained adapter on a manifest (labelled, or image-caption pairs for "
                        "a retrieval model)")
     p.add_argument("--adapter", required=True, help="output folder of a training run")
@@ -176,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
     p.set_defaults(func=_eval)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify one image + text")
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, help="output folder of a training run")
     p.add_argument("--image", required=True)
     p.add_argument("--text", help="the caption (not needed by the prompt and image_only heads)")
     p.add_argument("--base", help="load the backbone from here instead of the recorded name")
@@ -185,33 +190,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
     p.set_defaults(func=_predict)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="write the built-in world's data sets as JPEG files + JSONL manifests")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("make-sentiment", help="multimodal sentiment (positive / neutral / negative) where the "
                             "label needs image and text; the format your own data should take")
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=1200)
-    p.add_argument("--val", type=int, default=300)
-    p.add_argument("--test", type=int, default=600)
+    p.add_argument("out_dir", help="an empty or new folder (or one this command wrote before)")
+    p.add_argument("--seed", type=int, default=0, help="which scenes and posts are drawn (default 0)")
+    p.add_argument("--train", type=int, default=1200, help="training examples (default 1200)")
+    p.add_argument("--val", type=int, default=300, help="validation examples (default 300)")
+    p.add_argument("--test", type=int, default=600, help="test examples (default 600)")
     p.set_defaults(func=_make_sentiment)
     p = data_sub.add_parser("make-fewshot", help="k-shot image classification of one world attribute")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="an empty or new folder (or one this command wrote before)")
     p.add_argument("--attribute", default="shape", choices=["shape", "colour", "weather"])
-    p.add_argument("--shots", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", type=int, default=4, help="training examples per class (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="which examples are drawn (default 0)")
     p.set_defaults(func=_make_fewshot)
 
-    from .compare import add_compare_arguments
+
+def _add_compare(sub) -> None:
+    from .compare.runner import add_compare_arguments
 
     p = sub.add_parser("compare", help="linear probe, LoRA per tower, full fine-tuning and baselines side by side, "
                        "each in a fresh process (the same as recipes/compare.py)")
     add_compare_arguments(p)
     p.set_defaults(func=_compare)
 
+
+def _add_backbones(sub) -> None:
     p = sub.add_parser("backbones", help="list supported backbone families and short names")
     p.set_defaults(func=_backbones)
 
+
+def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold a trained adapter into its backbone: a standalone transformers folder")
     p.add_argument("out_dir", help="output folder of a training run")
     p.add_argument("--to", required=True, help="folder for the merged model (weights, tokenizer, processor, head)")
@@ -222,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
     p.set_defaults(func=_merge)
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="estimate peak memory of full / LoRA / QLoRA and which GPUs fit")
     p.add_argument("--model", required=True, help="Hub id, local folder or known name (e.g. openai/clip-vit-base-patch16)")
     p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="QLoRA bits")
@@ -232,23 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cuda: tensor memory plus CUDA context; cpu: resident set with the imported libraries")
     p.set_defaults(func=_plan)
+
+
+# One function per command: each adds its sub-parser (help, arguments) and the function that runs it.
+COMMANDS = (_add_train, _add_eval, _add_predict, _add_data, _add_compare, _add_backbones, _add_merge, _add_plan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmpeft", description="Fine-tune vision-language dual encoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .faults import TrainingError
-
-    return (ValueError, FileNotFoundError, FileExistsError, TrainingError)
-
-
 def report_user_errors(run, prog: str) -> int:
-    """Run `run()`; a bad config, data or path prints its message (no traceback) and exits 2.
+    """Run `run()`; an error the user can fix (`MmpeftError`: config, data, path, checkpoint, ...) prints its message
+    without a traceback and exits 2. Anything else is a bug or comes from inside a library: its traceback stays.
 
     An int that `run()` returns is the exit code (e.g. `mmpeft compare`: 1 when a run failed); anything else is 0.
     """
     try:
         result = run()
-    except _user_errors() as err:
+    except MmpeftError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError, MissingPathError
+
 TOWER_MODES = ("frozen", "lora", "full")
 HEAD_TYPES = ("concat", "gated", "cross_attention", "text_only", "image_only", "prompt")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -31,14 +33,14 @@ METRICS = ("auto", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m i
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"`{section}.{name}` must be one of {list(choices)}, got {value!r}.")
+        raise ConfigError(f"`{section}.{name}` must be one of {list(choices)}, got {value!r}.")
 
 
 def _check_positive(section: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{section}.{name}` must be a number {bound}, got {value!r}.")
+        raise ConfigError(f"`{section}.{name}` must be a number {bound}, got {value!r}.")
 
 
 @dataclass
@@ -57,7 +59,7 @@ class LoraSettings:
         _check_positive(section, "r", self.r)
         _check_positive(section, "alpha", self.alpha)
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"`{section}.dropout` must be in [0, 1), got {self.dropout!r}.")
+            raise ConfigError(f"`{section}.dropout` must be in [0, 1), got {self.dropout!r}.")
         if self.layers is not None:
             _check_positive(section, "layers", self.layers)
 
@@ -280,7 +282,7 @@ class Config:
             problems.append(f"`model.gradient_checkpointing` must be true or false, got "
                             f"{self.model.gradient_checkpointing!r}.")
         if problems:
-            raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
 
     def _task_problems(self) -> list[str]:
         if self.task not in TASKS:
@@ -345,13 +347,13 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if not dataclasses.is_dataclass(cls):
         return data
     if not isinstance(data, dict):
-        raise ValueError(f"`{where or 'config'}` must be a mapping, got {data!r}.")
+        raise ConfigError(f"`{where or 'config'}` must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(f"Unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {names}.")
+        raise ConfigError(f"Unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {names}.")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
@@ -371,7 +373,7 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ValueError(f"Override `{dotted}`: `{key}` is not a section.")
+            raise ConfigError(f"Override `{dotted}`: `{key}` is not a section.")
     node[keys[-1]] = value
 
 
@@ -381,17 +383,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} does not exist.")
+            raise MissingPathError(f"Config file {path} does not exist.")
         try:
             tree = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"Config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"Override {item!r} must look like `section.key=value`, e.g. `train.epochs=5`.")
+            raise ConfigError(f"Override {item!r} must look like `section.key=value`, e.g. `train.epochs=5`.")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), parse_yaml(raw) if raw != "" else None)
     try:
         return _build(Config, tree, "")
     except TypeError as err:  # a wrong type reaching a dataclass constructor
-        raise ValueError(f"Invalid config{f' in {path}' if path else ''}: {err}") from None
+        raise ConfigError(f"Invalid config{f' in {path}' if path else ''}: {err}") from None

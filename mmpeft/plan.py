@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import BackboneError
+
 GPU_SIZES_GB = (8, 12, 16, 24, 48, 80)
 GIB = 2**30
 # Not counted by torch.cuda.max_memory_allocated but needed on the card: the CUDA context and kernels, and
@@ -63,21 +65,18 @@ class Estimate:
 
 
 def _load_config(model: str):
-    from pathlib import Path
 
     from transformers import AutoConfig
 
-    from .backbones.loading import resolve_model_name
     from .backbones.shapes import KNOWN_SHAPES, known_config
+    from .backbones.weights import resolve_location
 
     if model in KNOWN_SHAPES:
         return known_config(model)
-    location = resolve_model_name(model)
     try:
-        return AutoConfig.from_pretrained(str(Path(location).expanduser()) if Path(location).expanduser().exists()
-                                          else location)
+        return AutoConfig.from_pretrained(resolve_location(model))
     except OSError as err:
-        raise ValueError(f"No config for {model!r} (offline? known without the Hub: {sorted(KNOWN_SHAPES)}): {err}"
+        raise BackboneError(f"No config for {model!r} (offline? known without the Hub: {sorted(KNOWN_SHAPES)}): {err}"
                          ) from None
 
 
@@ -105,9 +104,9 @@ def estimate(model: str, mode: str, *, batch: int, text_tokens: int | None = Non
 
     from torch import nn
 
-    from .adapters import tower_targets
     from .backbones import get_family
     from .config import LoraSettings, QuantConfig
+    from .models.adapters import tower_targets
     from .quant import matches, skip_patterns
 
     config = _load_config(model)

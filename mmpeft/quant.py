@@ -19,15 +19,13 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .errors import QuantizationError  # noqa: F401  (raised here; importable from here too)
 
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "uint8": torch.uint8}
 
-
-class QuantizationError(ValueError):
-    """A quantization setting that cannot work here (missing package, device, combination)."""
 
 
 @lru_cache(maxsize=1)

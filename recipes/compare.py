@@ -6,7 +6,7 @@
     python recipes/compare.py --task fewshot --configs zero_shot,lora_both,lora_both_reg model.name=my/clip
 
 Writes <out>/results.json (every run), results.md (mean ± std over seeds) and PNG charts. The same command is
-`mmpeft compare`; the comparison itself is `mmpeft.compare.compare`.
+`mmpeft compare`; the comparison itself is `mmpeft.compare.runner.compare`.
 """
 
 import argparse
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mmpeft.cli import report_user_errors
-from mmpeft.compare import add_compare_arguments, run_from_args
+from mmpeft.compare.runner import add_compare_arguments, run_from_args
 
 BASE = Path(__file__).resolve().parent / "configs" / "embedded_sentiment.yaml"
 

@@ -7,7 +7,7 @@
 Without --config it runs recipes/configs/embedded_retrieval.yaml (the shipped tiny CLIP on the world's
 image-caption pairs). Manifests hold an image and its caption (`image`, `text`; no label). Recall@1/5/10,
 image->text and text->image, is measured on the eval and test splits before training (zero-shot) and after;
-the recipe ends with the two side by side. The loop is `mmpeft.train.train` with `task=retrieval`, the same function `mmpeft train` runs.
+the recipe ends with the two side by side. The loop is `mmpeft.training.loop.train` with `task=retrieval`, the same function `mmpeft train` runs.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mmpeft import train
 from mmpeft.cli import add_train_arguments, config_from_args, report_user_errors
-from mmpeft.retrieval import RECALL_AT
+from mmpeft.models.retrieval import RECALL_AT
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embedded_retrieval.yaml"
 

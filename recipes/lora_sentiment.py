@@ -6,7 +6,7 @@
 
 Without --config it runs recipes/configs/embedded_sentiment.yaml: the shipped tiny CLIP on the world's
 sentiment task, with the learning rates and budget tuned for it.
-The loop itself is `mmpeft.train.train`, the same function `mmpeft train` runs: read it top to bottom there.
+The loop itself is `mmpeft.training.loop.train`, the same function `mmpeft train` runs: read it top to bottom there.
 """
 
 import argparse

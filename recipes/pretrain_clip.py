@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _cpu_bf16() -> bool:
-    from mmpeft.training_utils import resolve_mixed_precision
+    from mmpeft.training.optim import resolve_mixed_precision
 
     return resolve_mixed_precision("auto") == "bf16"
 

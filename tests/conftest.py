@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmpeft.backbones.tiny import build_tiny_backbone
+from mmpeft.testing import build_tiny_backbone
 
 FAMILIES = ("clip", "siglip", "blip")
 
@@ -98,9 +98,9 @@ def _tiny_bert(folder: Path, seed: int = 0) -> Path:
     import torch
     import transformers as tf
 
-    from mmpeft.backbones.tiny import _blip_wordpiece_tokenizer
+    from mmpeft.testing import blip_wordpiece_tokenizer
 
-    tokenizer = _blip_wordpiece_tokenizer(max_length=64)
+    tokenizer = blip_wordpiece_tokenizer(max_length=64)
     torch.manual_seed(seed)
     config = tf.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=64)

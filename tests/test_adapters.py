@@ -11,11 +11,11 @@ from PIL import Image
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from mmpeft.adapters import build_lora_config, lora_module_names, tower_targets, trainable_report
+from mmpeft.models.adapters import build_lora_config, lora_module_names, tower_targets, trainable_report
 from mmpeft.backbones import get_family, load_backbone
 from mmpeft.config import HEAD_TYPES, load_config
 from mmpeft.data import Collator, encode_texts
-from mmpeft.model import build_classifier
+from mmpeft.models.classifier import build_classifier
 
 FAMILIES = ("clip", "siglip", "blip")
 LABELS = ["negative", "positive"]

@@ -17,7 +17,7 @@ from PIL import Image
 from mmpeft import load_config
 from mmpeft.cli import main
 from mmpeft.data import read_split
-from mmpeft.train import train
+from mmpeft.training.loop import train
 
 FAST = ["train.progress=false", "train.tracker=null", "train.mixed_precision=no", "data.num_workers=0",
         "train.max_steps=2", "data.batch_size=4", "head.hidden=8"]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mmpeft.compare import CONFIGS, TASK_OVERRIDES, compare, plan_configs, subsample_manifest
-from mmpeft.compare_report import F1_VS_SHOTS, MEASURES, markdown, write_report
-from mmpeft.compare_run import run_child
+from mmpeft.compare.runner import CONFIGS, TASK_OVERRIDES, compare, plan_configs, subsample_manifest
+from mmpeft.compare.report import F1_VS_SHOTS, MEASURES, markdown, write_report
+from mmpeft.compare.child import run_child
 from mmpeft.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,7 @@ def test_quick_fewshot_zero_shot_is_evaluated_untrained(tmp_path, tiny_paths, on
                       extra=[f"model.name={tiny_paths['clip']}", "train.mixed_precision=no"])
     zero, probe = results["runs"]
     assert zero["status"] == probe["status"] == "ok", (zero.get("error"), probe.get("error"))
-    assert not zero["trained"] and zero["command"][1:3] == ["-m", "mmpeft.compare_run"]
+    assert not zero["trained"] and zero["command"][1:3] == ["-m", "mmpeft.compare.child"]
     assert zero["trainable_parameters"] == zero["adapter_bytes"] == zero["steps"] == 0
     assert probe["trained"] and probe["trainable_parameters"] > 0 and probe["steps"] == 4
     manifest = Path(out / "data" / "shape-k1-seed0" / "train.jsonl").read_text().splitlines()

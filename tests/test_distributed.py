@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmpeft import load_config
-from mmpeft.train import train
+from mmpeft.training.loop import train
 
 from conftest import assert_same_saved_weights, write_manifest
 

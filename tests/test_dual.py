@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmpeft import build_classifier, load_adapter, load_backbone, load_config, save_adapter
-from mmpeft.adapters import lora_module_names
+from mmpeft.models.adapters import lora_module_names
 from mmpeft.backbones import BackboneError, get_family
 from mmpeft.config import HEAD_TYPES
 from test_adapters import (TOWER_COMBOS, _assert_grads, _batch, _config, _head_towers, _plain, _randomize_lora_b,
@@ -190,17 +190,19 @@ def test_batchnorm_and_stock_peft_round_trip(tiny_dual, tmp_path, vision_mode):
     else:
         assert changed and any(m.training for m in trained_copy.modules())
 
+    # Like with like (weights and requires_grad): stock peft and load_adapter freeze by default.
     stock = PeftModel.from_pretrained(load_backbone(name).model, tmp_path).eval()
+    stock_trainable = PeftModel.from_pretrained(load_backbone(name).model, tmp_path, is_trainable=True).eval()
     loaded = load_adapter(tmp_path)
     model.eval()
     family = backbone.family
     with torch.no_grad():
-        for ours in (model, loaded):
-            got = family.encode_image(stock.get_base_model(), batch["pixel_values"]).pooled
+        for ours, theirs in ((model, stock_trainable), (loaded, stock)):
+            got = family.encode_image(theirs.get_base_model(), batch["pixel_values"]).pooled
             assert torch.equal(got, ours.encode_image(batch["pixel_values"]).pooled)
-            got = family.encode_text(stock.get_base_model(), batch["input_ids"], batch["attention_mask"]).pooled
+            got = family.encode_text(theirs.get_base_model(), batch["input_ids"], batch["attention_mask"]).pooled
             assert torch.equal(got, ours.encode_text(batch["input_ids"], batch["attention_mask"]).pooled)
-        assert torch.equal(loaded(**batch), model(**batch))
+        assert torch.equal(load_adapter(tmp_path, is_trainable=True)(**batch), model(**batch))
 
 
 def test_quantized_dual_encoder_trains_and_reports(tiny_dual):

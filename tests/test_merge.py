@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmpeft import build_classifier, load_adapter, load_backbone, load_config, save_adapter
 from mmpeft.cli import main
-from mmpeft.merge import MergeError, merge, merge_adapter, probe_batch
+from mmpeft.export.merge import MergeError, merge, merge_adapter, probe_batch
 
 NO_DROPOUT = ["model.text.lora.dropout=0.0", "model.vision.lora.dropout=0.0", "head.dropout=0.0"]
 

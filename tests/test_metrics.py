@@ -1,4 +1,4 @@
-"""`mmpeft.metrics.classification_metrics` against scikit-learn."""
+"""`mmpeft.training.metrics.classification_metrics` against scikit-learn."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from mmpeft.metrics import classification_metrics, format_report
+from mmpeft.training.metrics import classification_metrics, format_report
 
 
 def random_case(seed: int, num_classes: int = 5, n: int = 60):

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from mmpeft import build_classifier, get_family, load_adapter, load_backbone, save_adapter
-from mmpeft.adapters import lora_module_names, pin_mha_base_weights
+from mmpeft.models.adapters import lora_module_names, pin_mha_base_weights
 from mmpeft.backbones import BackboneError
 from mmpeft.config import HEAD_TYPES
 from test_adapters import (TOWER_COMBOS, _assert_grads, _batch, _config, _head_towers, _plain, _randomize_lora_b,
@@ -243,23 +243,32 @@ def test_stock_peft_round_trip_and_merge(tiny_open_clip, tmp_path, modes):
                  fingerprint=backbone.fingerprint)
     assert json.loads((tmp_path / "mmpeft.json").read_text())["backbone"]["family"] == "open_clip"
 
+    # Like with like: bit-exactness needs the same weights and the same requires_grad (nn.MultiheadAttention's
+    # input projection takes another kernel path for a trainable weight). Stock peft freezes by default, as
+    # load_adapter does; the model in training compares with peft's `is_trainable=True`.
     stock = PeftModel.from_pretrained(_native(tiny_open_clip, force_custom_text=True), tmp_path).eval()
+    stock_trainable = PeftModel.from_pretrained(_native(tiny_open_clip, force_custom_text=True), tmp_path,
+                                                is_trainable=True).eval()
     loaded = load_adapter(tmp_path)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert ({n for n, p in stock_trainable.named_parameters() if p.requires_grad}
+            == {n.removeprefix("backbone.") for n, p in model.named_parameters() if p.requires_grad
+                and n.startswith("backbone.")})
     model.eval()
     family = backbone.family
     ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
     with torch.no_grad():
-        for ours in (model, loaded):
-            assert torch.equal(family.encode_text(stock.get_base_model(), ids, mask).pooled,
+        for ours, theirs in ((model, stock_trainable), (loaded, stock)):
+            assert torch.equal(family.encode_text(theirs.get_base_model(), ids, mask).pooled,
                                ours.encode_text(ids, mask).pooled)
-            assert torch.equal(stock.get_base_model().visual(pixels), ours.encode_image(pixels).pooled)
-        assert torch.equal(loaded(**batch), model(**batch))
+            assert torch.equal(theirs.get_base_model().visual(pixels), ours.encode_image(pixels).pooled)
+        assert torch.equal(load_adapter(tmp_path, is_trainable=True)(**batch), model(**batch))
         merged = stock.merge_and_unload()
         assert not any("lora_" in n for n, _ in merged.named_parameters())
         torch.testing.assert_close(family.encode_text(merged, ids, mask).pooled, model.encode_text(ids, mask).pooled,
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(merged.visual(pixels), model.encode_image(pixels).pooled, rtol=1e-5, atol=1e-6)
-    from mmpeft.merge import merge
+    from mmpeft.export.merge import merge
 
     with pytest.raises(ValueError, match="not a transformers model.*merge_and_unload"):
         merge(tmp_path, tmp_path / "merged")  # `mmpeft merge` writes transformers folders only

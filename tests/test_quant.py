@@ -12,11 +12,11 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from mmpeft import build_classifier, get_family, load_adapter, load_backbone, load_config, save_adapter  # noqa: E402
 from mmpeft.config import QuantConfig  # noqa: E402
-from mmpeft.merge import probe_batch  # noqa: E402
-from mmpeft.model import enable_gradient_checkpointing  # noqa: E402
+from mmpeft.export.merge import probe_batch  # noqa: E402
+from mmpeft.models.classifier import enable_gradient_checkpointing  # noqa: E402
 from mmpeft.quant import (QuantizationError, bnb_config, check_device, matches,  # noqa: E402
                           quantization_report, quantize_linears, quantized_modules, skip_patterns)
-from mmpeft.training_utils import build_optimizer  # noqa: E402
+from mmpeft.training.optim import build_optimizer  # noqa: E402
 
 FAMILIES = ("clip", "siglip", "blip")
 SETTINGS = {"nf4": "{bits: 4, quant_type: nf4}", "fp4": "{bits: 4, quant_type: fp4, double_quant: false}",

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from mmpeft import load_config
-from mmpeft.checkpoints import CheckpointError, list_checkpoints, verify_checkpoint
+from mmpeft.training.checkpoints import CheckpointError, list_checkpoints, verify_checkpoint
 from mmpeft.data.augment import ImageAugment
-from mmpeft.faults import TrainingError
-from mmpeft.train import train
+from mmpeft.training.faults import TrainingError
+from mmpeft.training.loop import train
 
 from conftest import write_manifest
 
@@ -162,7 +162,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped_and_counted(tmp_path
 
 
 def test_out_of_memory_ends_with_advice(tmp_path, tiny_paths, data48, monkeypatch):
-    from mmpeft.model import FusionClassifier
+    from mmpeft.models.classifier import FusionClassifier
 
     def oom(self, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -15,8 +15,8 @@ from torch import nn
 from conftest import write_manifest
 from mmpeft import (BackboneError, build_classifier, build_dataloaders, evaluate, get_family, load_adapter,
                     load_backbone, load_config, predict_logits, save_adapter, train)
-from mmpeft.saving import read_manifest
-from mmpeft.training_utils import build_optimizer, class_weights
+from mmpeft.models.saving import read_manifest
+from mmpeft.training.optim import build_optimizer, class_weights
 
 FAST = ["train.mixed_precision=no", "train.progress=false", "train.tracker=null", "data.num_workers=0",
         "data.batch_size=8", "train.warmup_ratio=0", "train.lr_lora=5e-3", "train.lr_head=1e-2",

@@ -1,11 +1,11 @@
-"""Tests for the tiny offline backbones in mmpeft.backbones.tiny."""
+"""Tests for the tiny offline backbones in mmpeft.testing."""
 
 import pytest
 import torch
 import transformers as tf
 from PIL import Image
 
-from mmpeft.backbones.tiny import build_tiny_backbone
+from mmpeft.testing import build_tiny_backbone
 
 MODEL_CLASSES = {"clip": tf.CLIPModel, "siglip": tf.SiglipModel, "blip": tf.BlipForImageTextRetrieval}
 TEXT = "a happy dog on a red day"

@@ -3,8 +3,10 @@
 from . import families  # noqa: F401  (registers the transformers families)
 from . import dual, openclip, packaged  # noqa: F401  (register open_clip, dual encoders, packaged checkpoints)
 from .embedded import EMBEDDED_BACKBONE  # noqa: F401  (registers the offline short names)
-from .loading import Backbone, BackboneError, load_backbone, weights_fingerprint
+from ..errors import BackboneError
+from .loading import load_backbone
 from .registry import (
+    Backbone,
     BackboneFamily,
     TowerOutput,
     get_family,
@@ -12,6 +14,7 @@ from .registry import (
     register_backbone,
     register_short_name,
 )
+from .weights import weights_fingerprint
 
 __all__ = [
     "Backbone",

@@ -3,40 +3,14 @@ fingerprint and quantization as the transformers path, plus the adapters that le
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
-
 import torch
 from PIL import Image
 from torch import nn
 
 from ..config import QuantConfig
-from .loading import Backbone, BackboneError, _check_loading_info, _pickle_refused, weights_fingerprint
 from .quantized import default_device, resolve_dtype
-from .registry import BackboneFamily
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def read_weights(path: str | Path, name: str, trust_pickle_weights: bool) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file; a pickle file only when trusted, and then without arbitrary objects."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise BackboneError(f"{name!r}: the weights file {path} does not exist.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    if not trust_pickle_weights:
-        raise _pickle_refused(name, f"a weights file that is not safetensors ({path.name})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = next((line for line in str(err).splitlines() if "GLOBAL" in line), str(err))
-        raise BackboneError(f"{name!r}: the pickle weight file holds more than tensors, so it was not loaded "
-                            f"(torch.load(weights_only=True) refused it): {detail}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    return {k.removeprefix("module."): v for k, v in state.items()}
+from .registry import Backbone, BackboneFamily
+from .weights import check_loading_info, weights_fingerprint
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> dict[str, list[str]]:
@@ -81,7 +55,7 @@ def load_with_hook(spec: BackboneFamily, name: str, *, revision: str | None, dty
     torch_dtype = resolve_dtype(dtype, quantization)
     model, tokenizer, image_processor, info = spec.load(
         name.partition(":")[2], torch_dtype=torch_dtype, revision=revision, trust_pickle_weights=trust_pickle_weights)
-    _check_loading_info(spec, name, info)
+    check_loading_info(spec, name, info)
     model.eval()
     model.requires_grad_(False)
     fingerprint = weights_fingerprint(model)  # before quantizing: the checkpoint's own values

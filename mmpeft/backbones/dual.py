@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .loading import BackboneError
+from ..errors import BackboneError
 from .presets import TEXT_PRESETS, VISION_PRESETS, count_layers, tower_pattern
 from .registry import BackboneFamily, TowerOutput, register_backbone
 from .vision_towers import (
-    load_transformers_model,
     load_vision_tower,
     parse_library_spec,
     transformers_encoder_class,
     vision_features,
 )
+from .weights import check_tokenizer, load_transformers_model
 
 KEYS = ("text", "vision", "pooling", "image_size")
 POOLING = ("cls", "mean")
@@ -101,11 +101,7 @@ def _text_tower(location: str, torch_dtype: torch.dtype, revision: str | None, t
     model, info = load_transformers_model(model_class, location, revision, torch_dtype, trust_pickle_weights,
                                           "text_model.")
     tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
-    if len(tokenizer) < config.vocab_size or tokenizer.pad_token_id is None:
-        raise BackboneError(
-            f"The tokenizer loaded for {location!r} has {len(tokenizer)} tokens (pad token: {tokenizer.pad_token!r}) "
-            f"but the text tower expects {config.vocab_size} and a pad token. Offline, point `text=` at a local "
-            "folder that holds the tokenizer files.")
+    check_tokenizer(tokenizer, config.vocab_size, location, need_pad=True, where="text=")
     pooling = _read_json(location, "1_Pooling/config.json", revision)
     default_pooling = "mean" if pooling.get("pooling_mode_mean_tokens") else "cls"
     lengths = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None),

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .loading import BackboneError
+from ..errors import BackboneError
 from .registry import register_short_name
 
 EMBEDDED_BACKBONE = "tiny-clip"

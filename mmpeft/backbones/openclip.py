@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .custom import PICKLE_SUFFIXES, TransformProcessor, float_dtype, load_into, read_weights, seeded_init
-from .loading import BackboneError
+from ..errors import BackboneError
+from .custom import TransformProcessor, float_dtype, load_into, seeded_init
 from .presets import VISION_PRESETS, count_layers, tower_pattern
 from .registry import BackboneFamily, TowerOutput, register_backbone
+from .tokenizers import CLIP_MERGES, clip_bpe_tokenizer
+from .weights import PICKLE_SUFFIXES, check_tokenizer, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ OPEN_CLIP_VISION_PRESETS = {
 }
 # Pooling that padding after the text cannot change: argmax finds the first end-of-text token (the highest id).
 EXACT_POOLING = ("argmax", "eos", "first")
-CLIP_MERGES = 49152 - 256 - 2  # open_clip's SimpleTokenizer uses this many merges of its BPE file
 
 
 @dataclass
@@ -51,9 +52,7 @@ class OpenClipConfig:
 @lru_cache(maxsize=4)
 def clip_tokenizer(context_length: int):
     """open_clip's CLIP BPE tokenizer (shipped in the package) as a transformers tokenizer, ids unchanged."""
-    from .tiny import _clip_bpe_tokenizer
-
-    return _clip_bpe_tokenizer(CLIP_MERGES, max_length=context_length)
+    return clip_bpe_tokenizer(CLIP_MERGES, max_length=context_length)
 
 
 def _architecture(spec: str) -> str:
@@ -134,8 +133,7 @@ def load_open_clip(spec: str, *, torch_dtype: torch.dtype, revision: str | None,
         model.visual.output_tokens = True  # a ViT returns (pooled, patch tokens): the cross_attention head reads them
     model.to(torch_dtype)
     tokenizer = clip_tokenizer(text.context_length)
-    if len(tokenizer) < text.vocab_size:
-        raise BackboneError(f"{name!r}: the CLIP tokenizer has {len(tokenizer)} tokens, the text tower {text.vocab_size}.")
+    check_tokenizer(tokenizer, text.vocab_size, name)
     processor = TransformProcessor(image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)),
                                                       is_train=False))
     visual_tokens = getattr(model.visual, "transformer", None)

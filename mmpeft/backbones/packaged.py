@@ -7,7 +7,7 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-from .loading import BackboneError
+from ..errors import BackboneError
 from .registry import register_short_name
 
 MINILM = "all-minilm-l6-v2"

@@ -8,6 +8,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import BackboneError
+
 TOWERS = ("text", "vision")
 
 
@@ -64,6 +66,32 @@ class BackboneFamily:
         return None
 
 
+@dataclass
+class Backbone:
+    """A loaded dual encoder with what is needed to feed it and to recognise it again."""
+
+    model: nn.Module
+    family: BackboneFamily
+    tokenizer: object
+    image_processor: object
+    name: str
+    revision: str | None
+    fingerprint: str
+    quantization: object | None = None  # the QuantConfig the loaded towers are quantized with (requested or stored)
+
+    @property
+    def text_padding(self) -> str:
+        return self.family.text_padding
+
+    @property
+    def max_text_length(self) -> int:
+        return self.family.max_text_length(self.model.config)
+
+    @property
+    def embed_dims(self) -> dict[str, int]:
+        return self.family.embed_dims(self.model.config)
+
+
 _FAMILIES: dict[str, BackboneFamily] = {}
 _SHORT_NAMES: dict[str, Callable[[], str]] = {}
 _SHORT_DESCRIPTIONS: dict[str, str] = {}
@@ -109,7 +137,7 @@ def get_family(name: str) -> BackboneFamily:
     for family in _FAMILIES.values():
         if name in family.model_types:
             return family
-    raise ValueError(f"Backbone family {name!r} is not supported. Supported families: {sorted(_FAMILIES)}; "
+    raise BackboneError(f"Backbone family {name!r} is not supported. Supported families: {sorted(_FAMILIES)}; "
                      f"short names: {sorted(_SHORT_NAMES)}. See `mmpeft.list_backbones()`.")
 
 

@@ -6,6 +6,8 @@ weights costs what the real checkpoint costs.
 
 from __future__ import annotations
 
+from ..errors import BackboneError
+
 _CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                   num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
                   bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
@@ -42,7 +44,7 @@ def known_config(name: str):
     from transformers import BlipConfig, CLIPConfig, SiglipConfig
 
     if name not in KNOWN_SHAPES:
-        raise ValueError(f"No shapes recorded for {name!r}; known: {sorted(KNOWN_SHAPES)}. Pass a local folder "
+        raise BackboneError(f"No shapes recorded for {name!r}; known: {sorted(KNOWN_SHAPES)}. Pass a local folder "
                          "or a Hub id whose config is in the local cache instead.")
     spec = dict(KNOWN_SHAPES[name])
     cls = {"clip": CLIPConfig, "siglip": SiglipConfig, "blip": BlipConfig}[spec.pop("model_type")]

@@ -6,14 +6,12 @@ returns the global pooled features and the spatial (or patch) tokens.
 
 from __future__ import annotations
 
-import inspect
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from .custom import TransformProcessor, float_dtype, load_into, read_weights, seeded_init
-from .loading import BackboneError, _weights_error, resolve_model_name
+from ..errors import BackboneError
+from .custom import TransformProcessor, float_dtype, load_into, seeded_init
+from .weights import load_transformers_model, read_weights, resolve_location
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -87,9 +85,7 @@ def transformers_encoder_class(location: str, revision: str | None, input_name: 
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    location = resolve_model_name(location)
-    if Path(location).expanduser().exists():
-        location = str(Path(location).expanduser())
+    location = resolve_location(location)
     try:
         config = AutoConfig.from_pretrained(location, revision=revision)
     except OSError as err:
@@ -114,26 +110,6 @@ def _transformers_tower(location: str, torch_dtype, revision, trust_pickle_weigh
     processor = AutoImageProcessor.from_pretrained(location, revision=revision)
     sizes = getattr(config, "hidden_sizes", None)
     return model, processor, sizes[-1] if sizes else config.hidden_size, info
-
-
-def load_transformers_model(model_class, location: str, revision, torch_dtype, trust_pickle_weights: bool,
-                            prefix: str):
-    """`from_pretrained` with mmpeft's weights policy and without a pooling layer that nothing would train
-    (a `full` tower must not carry parameters without gradient); loading info keys named under `prefix`."""
-    import pickle
-
-    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
-    try:
-        model, info = model_class.from_pretrained(
-            location, revision=revision, dtype=torch_dtype, output_loading_info=True,
-            use_safetensors=None if trust_pickle_weights else True, weights_only=True, **kwargs)
-    except OSError as err:
-        raise _weights_error(location, location, err, trust_pickle_weights) from None
-    except pickle.UnpicklingError as err:
-        raise BackboneError(f"{location!r}: the pickle weight file holds more than tensors, so it was not loaded "
-                            "(torch.load(weights_only=True) refused it).") from err
-    return model, {kind: [prefix + (k if isinstance(k, str) else k[0]) for k in info.get(kind) or []]
-                   for kind in ("missing_keys", "mismatched_keys")}
 
 
 def vision_features(tower: nn.Module, library: str, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,8 @@ from functools import lru_cache
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ImageAugment:
@@ -27,9 +29,9 @@ class ImageAugment:
     def __post_init__(self) -> None:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
-            raise ValueError(f"`data.augment.crop_scale` must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")
+            raise ConfigError(f"`data.augment.crop_scale` must satisfy 0 < low <= high <= 1, got {self.crop_scale}.")
         if not 0 <= self.color_jitter < 1:
-            raise ValueError(f"`data.augment.color_jitter` must be in [0, 1), got {self.color_jitter}.")
+            raise ConfigError(f"`data.augment.color_jitter` must be in [0, 1), got {self.color_jitter}.")
 
     def __call__(self, image: Image.Image, *, epoch: int, index: int) -> Image.Image:
         from torchvision.transforms import v2
@@ -63,7 +65,7 @@ class TextAugment:
     def __post_init__(self) -> None:
         for name in ("word_dropout", "synonym_swap"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"`data.augment.{name}` must be in [0, 1), got {getattr(self, name)}.")
+                raise ConfigError(f"`data.augment.{name}` must be in [0, 1), got {getattr(self, name)}.")
 
     @property
     def active(self) -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader
 
+from ..errors import ConfigError
 from .augment import ImageAugment, TextAugment
 from .dataset import Collator, MultimodalDataset, class_counts, encode_texts, label_names_from
 from .manifest import Split, read_split
@@ -108,7 +109,7 @@ def build_dataloaders(data_cfg, backbone, *, seed: int = 0, label_names: list[st
     labelled = task == "classification"
     paths = manifest_paths(data_cfg, task)
     if "train" in splits and "train" not in paths:
-        raise ValueError("`data.train` is required for training.")
+        raise ConfigError("`data.train` is required for training.")
     read = {}
     if "train" in splits:
         read["train"] = _read(paths["train"], data_cfg, label_names=None, require_labels=labelled,

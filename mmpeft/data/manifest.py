@@ -16,23 +16,13 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from ..errors import DataError  # noqa: F401  (raised here; importable from here too)
+
 SUPPORTED = ".csv, .jsonl, or a folder written by datasets.Dataset.save_to_disk"
 _MAX_LISTED = 20
 # role -> (config key that names the column, what one cell holds)
 _ROLES = {"image": ("data.image_column", "image path"), "text": ("data.text_column", "caption"),
           "label": ("data.label_column", "class label")}
-
-
-class DataError(ValueError):
-    """Bad user data; the message names the file, row and what was expected."""
-
-    def __init__(self, message: str = ""):
-        # A DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker process 0.
-        # Original Traceback ..."); keep only the original message, which already says file, row and what to do.
-        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
-        if message.startswith("Caught ") and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import os
 import random
 from pathlib import Path
 
+from ..errors import ConfigError
 from .files import already_written, mark_written, write_manifest
 from .scenes import COLOURS, SHAPES, WEATHERS, render, sample_scene, scene_rng
 
@@ -36,9 +37,9 @@ def write_fewshot(out_dir: str | os.PathLike, *, attribute: str = "shape", shots
                   val_per_class: int = 8, test_per_class: int = 50, image_size: int = 64) -> dict[str, Path]:
     """Write `train.jsonl` (k=`shots` per class, chosen by `seed`), `val.jsonl`, `test.jsonl` and images."""
     if attribute not in ATTRIBUTES:
-        raise ValueError(f"attribute must be one of {list(ATTRIBUTES)}, got {attribute!r}")
+        raise ConfigError(f"attribute must be one of {list(ATTRIBUTES)}, got {attribute!r}")
     if not 1 <= shots <= _POOL_PER_CLASS:
-        raise ValueError(f"shots must be between 1 and {_POOL_PER_CLASS}, got {shots}")
+        raise ConfigError(f"shots must be between 1 and {_POOL_PER_CLASS}, got {shots}")
     out = Path(out_dir)
     args = {"format": 1, "attribute": attribute, "shots": shots, "seed": seed, "val_per_class": val_per_class,
             "test_per_class": test_per_class, "image_size": image_size}

@@ -13,6 +13,7 @@ import os
 import random
 from pathlib import Path
 
+from ..errors import ConfigError
 from .files import already_written, mark_written, write_manifest
 from .scenes import Scene, render, sample_scene, scene_rng
 
@@ -46,7 +47,7 @@ def write_retrieval(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict[st
     """
     sizes = dict(SPLIT_SIZES if sizes is None else sizes)
     if set(sizes) != set(SPLIT_SIZES) or any(not isinstance(n, int) or n < 3 for n in sizes.values()):
-        raise ValueError(f"sizes must give train, val and test at least 3 examples each; got {sizes}")
+        raise ConfigError(f"sizes must give train, val and test at least 3 examples each; got {sizes}")
     out = Path(out_dir)
     paths = {split: out / f"{split}.jsonl" for split in sizes}
     args = {"format": 2, "task": "retrieval", "seed": seed, "sizes": sizes, "image_size": image_size}

@@ -8,7 +8,6 @@ It is a stock `CLIPTokenizer` (vocab.json + merges.txt) that loads offline with 
 
 from __future__ import annotations
 
-import gzip
 import re
 
 from . import scenes, sentiment
@@ -76,18 +75,11 @@ def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple
 
 def build_world_tokenizer(words: list[str] | None = None, max_length: int = 32):
     """A `CLIPTokenizer` whose merges are the subset of CLIP's that `words` need (in CLIP's rank order)."""
-    import transformers as tf
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from ..backbones.tokenizers import clip_bpe_merges, clip_bpe_tokenizer
 
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    all_merges = [tuple(line.split()) for line in lines]
+    all_merges = clip_bpe_merges()
     ranks = {m: i for i, m in enumerate(all_merges)}
     needed = set()
     for word in words or world_words():
         needed.update(_bpe_merges_used(word, ranks))
-    merges = [m for m in all_merges if m in needed]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = list(dict.fromkeys(vocab))
-    return tf.CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=merges,
-                            pad_token="<|endoftext|>", model_max_length=max_length)
+    return clip_bpe_tokenizer([m for m in all_merges if m in needed], max_length=max_length)

@@ -12,13 +12,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import CheckpointError  # noqa: F401  (raised here; importable from here too)
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "mmpeft_checkpoint.json"
 _PREFIX = "step-"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or not one mmpeft wrote."""
 
 
 @dataclass

@@ -8,12 +8,11 @@ import logging
 import torch
 from torch import nn
 
-from .adapters import attach_adapters
-from .backbones import Backbone
-from .backbones.registry import TOWERS, BackboneFamily, TowerOutput
-from .config import Config, HeadConfig, ModelConfig
-from .heads import Head, PromptHead, build_head
-from .quant import (
+from ..backbones import Backbone
+from ..backbones.registry import TOWERS, BackboneFamily, TowerOutput
+from ..config import Config, HeadConfig, ModelConfig
+from ..errors import ConfigError
+from ..quant import (
     TORCH_DTYPES,
     QuantizationError,
     cast_unquantized,
@@ -21,6 +20,8 @@ from .quant import (
     quantized_modules,
     skip_patterns,
 )
+from .adapters import attach_adapters
+from .heads import Head, PromptHead, build_head
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     no_grad, where transformers does not checkpoint.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set "
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing; set "
                          "`model.gradient_checkpointing=false`.")
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:  # transformers >= 5.x
@@ -193,7 +194,7 @@ def build_classifier(backbone: Backbone, cfg: Config, label_names: list[str], *,
     `init_head=False` skips work whose result a saved head overwrites anyway (the prompt encodings).
     """
     if len(label_names) < 2:
-        raise ValueError(f"A classifier needs at least 2 classes, got {label_names!r}.")
+        raise ConfigError(f"A classifier needs at least 2 classes, got {label_names!r}.")
     peft_model, tower_modes = prepare_towers(backbone, cfg.model)
     logit_scale = getattr(backbone.model, "logit_scale", None)
     head = build_head(

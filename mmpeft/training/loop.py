@@ -13,8 +13,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import trainable_report
-from .backbones import load_backbone
+from ..backbones import load_backbone
+from ..config import Config
+from ..data.loaders import build_dataloaders
+from ..errors import PathExistsError
+from ..models.adapters import trainable_report
+from ..models.classifier import build_classifier
+from ..models.retrieval import (
+    build_retrieval_model,
+    contrastive_loss_across_processes,
+    evaluate_retrieval,
+    format_retrieval_report,
+)
+from ..models.saving import ADAPTER_FILES, MANIFEST, save_adapter
 from .checkpoints import (
     LoopState,
     check_same_settings,
@@ -23,8 +34,6 @@ from .checkpoints import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import Config
-from .data.loaders import build_dataloaders
 from .evaluation import evaluate
 from .faults import (
     TrainingError,
@@ -33,15 +42,7 @@ from .faults import (
     stop_on_interrupt,
 )
 from .metrics import format_report
-from .model import build_classifier
-from .retrieval import (
-    build_retrieval_model,
-    contrastive_loss_across_processes,
-    evaluate_retrieval,
-    format_retrieval_report,
-)
-from .saving import ADAPTER_FILES, MANIFEST, save_adapter
-from .training_utils import (
+from .optim import (
     EarlyStopping,
     build_optimizer,
     class_weights,
@@ -59,7 +60,7 @@ def check_output_dir(cfg: Config) -> Path:
     out = Path(cfg.train.output_dir)
     existing = [name for name in (MANIFEST, *ADAPTER_FILES) if (out / name).exists()]
     if existing and not (cfg.train.overwrite or cfg.train.resume_from):
-        raise FileExistsError(f"{out} already holds a trained model ({', '.join(existing)}). Choose another "
+        raise PathExistsError(f"{out} already holds a trained model ({', '.join(existing)}). Choose another "
                               "`train.output_dir`, set `train.resume_from=latest` to continue it, or "
                               "`train.overwrite=true` to replace it.")
     return out

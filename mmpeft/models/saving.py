@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backbones import BackboneError, load_backbone
-from .config import Config, _build
-from .model import FusionClassifier, build_classifier
+from ..backbones import BackboneError, load_backbone
+from ..config import Config, _build
+from ..errors import AdapterError, MissingPathError
+from .classifier import FusionClassifier, build_classifier
 from .retrieval import RetrievalModel, build_retrieval_model
 
 FORMAT_VERSION = 1
@@ -90,11 +91,11 @@ def read_manifest(out_dir: str | Path) -> dict:
     """The `mmpeft.json` of a saved classifier, with a clear error if the folder is not one."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{out_dir} is not an mmpeft output folder: {MANIFEST} is missing. "
+        raise MissingPathError(f"{out_dir} is not an mmpeft output folder: {MANIFEST} is missing. "
                                 "Pass the folder a training run wrote (its `train.output_dir`).")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {manifest.get('format_version')!r}; this mmpeft reads "
+        raise AdapterError(f"{path} has format version {manifest.get('format_version')!r}; this mmpeft reads "
                          f"version {FORMAT_VERSION}.")
     return manifest
 
@@ -105,31 +106,39 @@ def backbone_location(out_dir: str | Path, name: str) -> str:
 
 
 def load_adapter(out_dir: str | Path, *, base: str | None = None, device: str | torch.device = "cpu",
-                 trust_pickle_weights: bool = False) -> FusionClassifier:
+                 trust_pickle_weights: bool = False, is_trainable: bool = False) -> FusionClassifier:
     """Rebuild a saved classifier: backbone, stock peft adapter, head and label map.
+
+    Like peft's `PeftModel.from_pretrained`, every parameter comes back frozen unless `is_trainable=True`
+    (which restores the trainable set of the run: LoRA weights, `full` towers, the head). Outputs are
+    bit-identical to another model only with identical weights *and* identical `requires_grad` flags: some
+    torch kernels (e.g. `nn.MultiheadAttention`'s input projection) take another path for a weight that
+    requires grad.
 
     `base` loads the backbone from another location (e.g. a local copy of the Hub checkpoint); its weights
     must be the ones the adapter was trained on, which the recorded fingerprint checks.
     `trust_pickle_weights` is the caller's decision, never read from the saved folder (which may come from
     someone else): see `load_backbone`.
     """
-    model = _load(out_dir, "classification", base=base, device=device, trust_pickle_weights=trust_pickle_weights)
+    model = _load(out_dir, "classification", base=base, device=device, trust_pickle_weights=trust_pickle_weights,
+                  is_trainable=is_trainable)
     model.head.load_state_dict(load_file(Path(out_dir) / HEAD_WEIGHTS))
     return model
 
 
 def load_retrieval_model(out_dir: str | Path, *, base: str | None = None, device: str | torch.device = "cpu",
-                         trust_pickle_weights: bool = False) -> RetrievalModel:
+                         trust_pickle_weights: bool = False, is_trainable: bool = False) -> RetrievalModel:
     """Rebuild a saved retrieval model (`task=retrieval`): backbone and stock peft adapter; arguments as in
     `load_adapter`."""
-    return _load(out_dir, "retrieval", base=base, device=device, trust_pickle_weights=trust_pickle_weights)
+    return _load(out_dir, "retrieval", base=base, device=device, trust_pickle_weights=trust_pickle_weights,
+                 is_trainable=is_trainable)
 
 
 _LOADERS = {"classification": "mmpeft.load_adapter", "retrieval": "mmpeft.load_retrieval_model"}
 
 
 def _load(out_dir: str | Path, task: str, *, base: str | None, device: str | torch.device,
-          trust_pickle_weights: bool) -> FusionClassifier | RetrievalModel:
+          trust_pickle_weights: bool, is_trainable: bool) -> FusionClassifier | RetrievalModel:
     """The recorded backbone (fingerprint checked) with the saved adapter in it, as the model of `task`."""
     from peft import set_peft_model_state_dict
 
@@ -137,7 +146,7 @@ def _load(out_dir: str | Path, task: str, *, base: str | None, device: str | tor
     manifest = read_manifest(out_dir)
     config: Config = _build(Config, manifest["config"], "")
     if config.task != task:
-        raise ValueError(f"{out_dir} holds a {config.task} model (`task={config.task}` in its {MANIFEST}), not a "
+        raise AdapterError(f"{out_dir} holds a {config.task} model (`task={config.task}` in its {MANIFEST}), not a "
                          f"{task} one: load it with `{_LOADERS[config.task]}`.")
     recorded = manifest["backbone"]
     location = base or backbone_location(out_dir, recorded["name"])
@@ -159,8 +168,10 @@ def _load(out_dir: str | Path, task: str, *, base: str | None, device: str | tor
         result = set_peft_model_state_dict(model.backbone, load_file(out_dir / "adapter_model.safetensors"))
         missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
         if missing or result.unexpected_keys:
-            raise ValueError(f"{out_dir}/adapter_model.safetensors does not match the recorded config: "
+            raise AdapterError(f"{out_dir}/adapter_model.safetensors does not match the recorded config: "
                              f"missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}.")
-    model.source = backbone  # tokenizer and image processor, for `mmpeft.inference.predict`
+    model.source = backbone  # tokenizer and image processor, for `mmpeft.export.inference.predict`
     model.config = config
+    if not is_trainable:
+        model.requires_grad_(False)
     return model.to(device).eval()

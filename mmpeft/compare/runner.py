@@ -6,7 +6,7 @@
 Every (configuration, shots, seed) is one `mmpeft train` in its own subprocess, so the peak memory it reports
 belongs to that run alone: on CPU the peak resident set of that process (`os.wait4`'s rusage, taken by a
 bare launcher: see `run_child`), on CUDA the run's own `torch.cuda.max_memory_allocated`.
-A configuration with nothing to train (few-shot `zero_shot`) is evaluated as built (`mmpeft.compare_run`).
+A configuration with nothing to train (few-shot `zero_shot`) is evaluated as built (`mmpeft.compare.child`).
 A failed run is recorded with the end of its log and the comparison goes on. Here: the named configurations,
 the data of each (shots, seed), the loop over runs and the command line; charts and tables: `compare_report`.
 """
@@ -21,6 +21,8 @@ import random
 import subprocess
 import time
 from pathlib import Path
+
+from ..errors import ConfigError
 
 TASKS = ("sentiment", "fewshot")
 
@@ -71,13 +73,13 @@ def plan_configs(task: str, names: list[str] | None = None, defined: dict[str, l
                  ) -> dict[str, list[str]]:
     """The named configurations to run (all of the task's by default) plus user-defined ones, in order."""
     if task not in TASKS:
-        raise ValueError(f"--task must be one of {list(TASKS)}, got {task!r}.")
+        raise ConfigError(f"--task must be one of {list(TASKS)}, got {task!r}.")
     known = {**CONFIGS[task], **(defined or {})}
     if names is None:
         return known
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"Unknown configuration(s) {unknown} for --task {task}; known: {list(known)} "
+        raise ConfigError(f"Unknown configuration(s) {unknown} for --task {task}; known: {list(known)} "
                          "(define more with --define 'name: key=value ...').")
     return {n: known[n] for n in names}
 
@@ -87,14 +89,14 @@ def subsample_manifest(src: str | Path, dst: Path, *, shots: int, seed: int, lab
     """`shots` rows per label of a JSONL manifest, drawn by `seed`, with absolute image paths (CLIP-LoRA's k-shot)."""
     src = Path(src)
     if src.suffix != ".jsonl":
-        raise ValueError(f"--shots with --task sentiment needs a JSONL training manifest, got {src}.")
+        raise ConfigError(f"--shots with --task sentiment needs a JSONL training manifest, got {src}.")
     rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(str(row[label_column]), []).append(row)
     short = {label: len(r) for label, r in by_label.items() if len(r) < shots}
     if short:
-        raise ValueError(f"{src}: --shots {shots} needs {shots} examples of every label; these have fewer: {short}.")
+        raise ConfigError(f"{src}: --shots {shots} needs {shots} examples of every label; these have fewer: {short}.")
     rng = random.Random(f"sentiment-shots-{seed}")
     chosen = [row for label in sorted(by_label) for row in rng.sample(by_label[label], shots)]
     for row in chosen:
@@ -108,11 +110,11 @@ def subsample_manifest(src: str | Path, dst: Path, *, shots: int, seed: int, lab
 def prepare_data(task: str, out: Path, base: str | None, extra: list[str], shots: list[int | None],
                  seeds: list[int], *, quick: bool, attribute: str = "shape") -> dict[tuple, list[str]]:
     """Write the data every (shots, seed) needs, before any run starts; returns their `data.*` overrides."""
-    from .config import load_config
+    from ..config import load_config
 
     data: dict[tuple, list[str]] = {}
     if task == "fewshot":
-        from .world.fewshot import write_fewshot
+        from ..world.fewshot import write_fewshot
 
         for k in shots:
             for seed in seeds:
@@ -125,12 +127,12 @@ def prepare_data(task: str, out: Path, base: str | None, extra: list[str], shots
         return {(None, seed): [] for seed in seeds}  # the base's own data
     cfg = load_config(base, [*TASK_OVERRIDES[task], *extra])
     if quick and cfg.data.train is None:  # the embedded set, smaller
-        from .world.sentiment import write_sentiment
+        from ..world.sentiment import write_sentiment
 
         paths = write_sentiment(out / "data" / "sentiment-quick", sizes=QUICK_SENTIMENT_SIZES)
         manifests = {"train": str(paths["train"]), "eval": str(paths["val"]), "test": str(paths["test"])}
     else:
-        from .data.loaders import manifest_paths
+        from ..data.loaders import manifest_paths
 
         manifests = manifest_paths(cfg.data)
     for k in shots:
@@ -174,14 +176,14 @@ def compare(task: str, out: str | Path, *, configs: dict[str, list[str]] | None 
     """Run every configuration over shots and seeds; write results.json, results.md and the charts into `out`."""
     import torch
 
-    from .compare_report import write_report
-    from .compare_run import run_one
+    from .child import run_one
+    from .report import write_report
 
     out = Path(out)
     configs = plan_configs(task) if configs is None else configs
     shots_list: list[int | None] = list(shots) if shots else [None]
     if task == "fewshot" and shots_list == [None]:
-        raise ValueError("--task fewshot needs --shots (e.g. 1,2,4,8,16).")
+        raise ConfigError("--task fewshot needs --shots (e.g. 1,2,4,8,16).")
     extra, seeds = list(extra), list(seeds)
     cuda = torch.cuda.is_available()
     out.mkdir(parents=True, exist_ok=True)

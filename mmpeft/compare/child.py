@@ -1,6 +1,6 @@
 """One configuration of a comparison in a fresh process, and what it measured.
 
-`python -m mmpeft.compare_run` is the child that evaluates a configuration with nothing to train (few-shot
+`python -m mmpeft.compare.child` is the child that evaluates a configuration with nothing to train (few-shot
 `zero_shot`: the prompt head as built); everything that trains runs `python -m mmpeft.cli train`.
 """
 
@@ -19,7 +19,7 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "head.safetensors")
 
 
 def _nothing_to_train(base: str | None, overrides: list[str]) -> bool:
-    from .config import load_config
+    from ..config import load_config
 
     cfg = load_config(base, overrides)
     return cfg.model.text.mode == cfg.model.vision.mode == cfg.head.mode == "frozen"
@@ -111,7 +111,7 @@ def run_one(name: str, overrides: list[str], run_dir: Path, *, base: str | None,
         return record
     record["trained"] = trains
     (run_dir / "metrics.json").unlink(missing_ok=True)  # a stale one must not pass for this run's result
-    entry = ["-m", "mmpeft.cli", "train"] if trains else ["-m", "mmpeft.compare_run"]
+    entry = ["-m", "mmpeft.cli", "train"] if trains else ["-m", "mmpeft.compare.child"]
     cmd = [sys.executable, *entry, *(["--config", str(base)] if base else []), *overrides]
     record["command"] = cmd
     child = run_child(cmd, run_dir / "log.txt", timeout)
@@ -133,13 +133,13 @@ def evaluate_untrained(cfg) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .adapters import trainable_report
-    from .backbones import load_backbone
-    from .data.loaders import build_dataloaders
-    from .evaluation import evaluate
-    from .metrics import format_report
-    from .model import build_classifier
-    from .training_utils import peak_memory_gib, resolve_mixed_precision
+    from ..backbones import load_backbone
+    from ..data.loaders import build_dataloaders
+    from ..models.adapters import trainable_report
+    from ..models.classifier import build_classifier
+    from ..training.evaluation import evaluate
+    from ..training.metrics import format_report
+    from ..training.optim import peak_memory_gib, resolve_mixed_precision
 
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,15 +164,15 @@ def evaluate_untrained(cfg) -> dict:
 
 
 def _untrained_main(argv: list[str] | None = None) -> None:
-    from .cli import add_train_arguments, config_from_args
+    from ..cli import add_train_arguments, config_from_args
 
-    parser = argparse.ArgumentParser(prog="python -m mmpeft.compare_run",
+    parser = argparse.ArgumentParser(prog="python -m mmpeft.compare.child",
                                      description="Evaluate a configuration with nothing to train.")
     add_train_arguments(parser)
     evaluate_untrained(config_from_args(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
-    from .cli import report_user_errors
+    from ..cli import report_user_errors
 
-    sys.exit(report_user_errors(_untrained_main, "python -m mmpeft.compare_run"))
+    sys.exit(report_user_errors(_untrained_main, "python -m mmpeft.compare.child"))

@@ -9,7 +9,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from ..config import TrainConfig
+from ..errors import ConfigError
 
 
 def param_kind(name: str) -> str:
@@ -32,7 +33,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             decay = param.ndim >= 2 and "logit_scale" not in name
             groups.setdefault((param_kind(name), decay), []).append(param)
     if not groups:
-        raise ValueError("Nothing to train: every tower and the head are frozen. Set `model.text.mode`, "
+        raise ConfigError("Nothing to train: every tower and the head are frozen. Set `model.text.mode`, "
                          "`model.vision.mode` or `head.mode` to `lora` or `full`.")
     param_groups = [
         {"params": params, "lr": lrs[kind], "weight_decay": cfg.weight_decay if decay else 0.0, "name": kind}
@@ -45,7 +46,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def _bnb_adamw(param_groups: list[dict], kind: str) -> torch.optim.Optimizer:
-    from .quant import require_bnb
+    from ..quant import require_bnb
 
     require_bnb(f"`train.optimizer={kind}`")
     import bitsandbytes as bnb
@@ -61,7 +62,7 @@ def class_weights(counts: list[int], policy: str) -> torch.Tensor | None:
         return None
     counts_t = torch.tensor(counts, dtype=torch.float32)
     if (counts_t == 0).any():
-        raise ValueError(f"`train.class_weights=balanced` needs every class in the training data; counts {counts}.")
+        raise ConfigError(f"`train.class_weights=balanced` needs every class in the training data; counts {counts}.")
     return counts_t.sum() / (len(counts) * counts_t)
 
 

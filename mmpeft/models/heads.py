@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.registry import TowerOutput
-from .config import HeadConfig
+from ..backbones.registry import TowerOutput
+from ..config import HeadConfig
+from ..errors import ConfigError
 
 
 def _classifier(in_dim: int, cfg: HeadConfig, num_classes: int) -> nn.Module:
@@ -79,7 +80,7 @@ class CrossAttentionHead(Head):
         self.cfg = cfg
         width = cfg.hidden or dims["text_tokens"]
         if width % cfg.attention_heads:
-            raise ValueError(f"`head.hidden={width}` must be divisible by `head.attention_heads={cfg.attention_heads}`.")
+            raise ConfigError(f"`head.hidden={width}` must be divisible by `head.attention_heads={cfg.attention_heads}`.")
         self.text_in = nn.Linear(dims["text_tokens"], width)
         self.image_in = nn.Linear(dims["vision_tokens"], width)
         self.attention = nn.MultiheadAttention(width, cfg.attention_heads, dropout=cfg.dropout, batch_first=True)
@@ -150,7 +151,7 @@ def build_head(cfg: HeadConfig, dims: dict[str, int], num_classes: int, *, text_
         return UnimodalHead(cfg, dims, num_classes, "vision")
     if cfg.type == "prompt":
         if dims["text"] != dims["vision"]:
-            raise ValueError(f"`head.type=prompt` needs text and image embeddings of one width, got "
+            raise ConfigError(f"`head.type=prompt` needs text and image embeddings of one width, got "
                              f"{dims['text']} and {dims['vision']}.")
         return PromptHead(num_classes, dims["vision"], logit_scale, static=not text_trainable)
-    raise ValueError(f"Unknown head type {cfg.type!r}.")
+    raise ConfigError(f"Unknown head type {cfg.type!r}.")

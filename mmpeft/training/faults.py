@@ -8,9 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says where it stopped and what was kept."""
+from ..errors import TrainingError  # noqa: F401  (raised here; importable from here too)
 
 
 def loss_is_finite(loss: torch.Tensor, accelerator) -> bool:

@@ -20,20 +20,21 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from .backbones import get_family, load_backbone
-from .config import Config, QuantConfig
+from ..backbones import get_family, load_backbone
+from ..config import Config, QuantConfig
+from ..errors import (
+    MergeError,  # noqa: F401  (raised here; importable from here too)
+    PathExistsError,
+)
+from ..models.classifier import FusionClassifier, build_classifier
+from ..models.saving import HEAD_WEIGHTS, load_adapter, read_manifest, save_adapter
+from ..quant import TORCH_DTYPES, dequantize_linears, quantized_modules
 from .inference import encode_batch
-from .model import FusionClassifier, build_classifier
-from .quant import TORCH_DTYPES, dequantize_linears, quantized_modules
-from .saving import HEAD_WEIGHTS, load_adapter, read_manifest, save_adapter
 
 REPORT = "merge_report.json"
 PROBE_TEXTS = ["a photo of a cat", "a red car parked on a wet street", "two dogs playing in the snow",
                "an empty room", "what a lovely day", "this is the worst film I have seen"]
 
-
-class MergeError(ValueError):
-    """A merge that would silently damage the model."""
 
 
 def merge_adapter(peft_model: nn.Module) -> nn.Module:
@@ -125,20 +126,20 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
     """
     out_dir, merged_dir = Path(out_dir), Path(merged_dir)
     if merged_dir.exists() and any(merged_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{merged_dir} is not empty; choose another folder or pass --overwrite.")
+        raise PathExistsError(f"{merged_dir} is not empty; choose another folder or pass --overwrite.")
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
+        raise MergeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
     manifest = read_manifest(out_dir)
     family = get_family(manifest["backbone"]["family"])
     if family.load is not None:
-        raise ValueError(f"`mmpeft merge` writes a transformers model folder; the {family.name!r} backbone of "
+        raise MergeError(f"`mmpeft merge` writes a transformers model folder; the {family.name!r} backbone of "
                          f"{out_dir} is not a transformers model. Load it with `mmpeft.load_adapter` and merge "
                          "with peft's `merge_and_unload()` in Python instead.")
     model = load_adapter(out_dir)
     source, config = model.source, model.config
     quant = source.quantization
     if requantize and quant is None:
-        raise ValueError(f"--requantize: the adapter in {out_dir} was not trained on a quantized backbone; there "
+        raise MergeError(f"--requantize: the adapter in {out_dir} was not trained on a quantized backbone; there "
                          "is no quantization to restore.")
     batch = probe_batch(model)
     report: dict = {"source": str(out_dir), "backbone": manifest["backbone"], "dtype": dtype,

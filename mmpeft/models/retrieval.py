@@ -11,10 +11,11 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone
-from .backbones.registry import BackboneFamily
-from .config import Config
-from .model import DualTowers, prepare_towers
+from ..backbones import Backbone
+from ..backbones.registry import BackboneFamily
+from ..config import Config
+from ..errors import ConfigError
+from .classifier import DualTowers, prepare_towers
 
 # A family without a learned logit scale (dual encoders, BLIP's transformers port) gets CLIP's initial
 # temperature, 1 / 0.07: fixed, not trained.
@@ -52,7 +53,7 @@ def build_retrieval_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
     """Attach adapters to the backbone as the tower modes ask (the classifier's code path); `cfg.head` is unused."""
     dims = backbone.embed_dims
     if dims["text"] != dims["vision"]:
-        raise ValueError(f"`task=retrieval` compares text and image embeddings, but {backbone.name!r} embeds text in "
+        raise ConfigError(f"`task=retrieval` compares text and image embeddings, but {backbone.name!r} embeds text in "
                          f"{dims['text']} and images in {dims['vision']} dimensions: use a backbone with a shared "
                          "embedding space (CLIP, SigLIP, BLIP, open_clip).")
     peft_model, tower_modes = prepare_towers(backbone, cfg.model)

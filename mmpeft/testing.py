@@ -1,14 +1,16 @@
-"""Tiny randomly initialised CLIP / SigLIP / BLIP checkpoints that load offline via ``from_pretrained``."""
+"""Tiny randomly initialised CLIP / SigLIP / BLIP checkpoints for tests and benchmarks: saved with
+`save_pretrained`, they load offline through the same `from_pretrained` path a Hub id takes."""
 
 from __future__ import annotations
 
-import gzip
 import os
 import pathlib
 import string
 
 import torch
 import transformers as tf
+
+from .backbones.tokenizers import clip_bpe_tokenizer
 
 FAMILIES = ("clip", "siglip", "blip")
 
@@ -31,24 +33,7 @@ sitting standing running walking flying swimming eating playing sleeping looking
 """.split()
 
 
-def _clip_bpe_tokenizer(vocab_merges: int, max_length: int) -> tf.PreTrainedTokenizerBase:
-    """Build a CLIP BPE tokenizer from the first ``vocab_merges`` merges of open_clip's shipped BPE file."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 1 + vocab_merges]]  # line 0 is the "#version" header
-    chars = list(bytes_to_unicode().values())
-    # Same order as open_clip's SimpleTokenizer, so the surviving ids equal the real CLIP ids.
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return tf.CLIPTokenizer(
-        vocab={tok: i for i, tok in enumerate(vocab)},
-        merges=merges,
-        pad_token="<|endoftext|>",
-        model_max_length=max_length,
-    )
-
-
-def _blip_wordpiece_tokenizer(max_length: int) -> tf.PreTrainedTokenizerBase:
+def blip_wordpiece_tokenizer(max_length: int) -> tf.PreTrainedTokenizerBase:
     """Build a small BERT WordPiece tokenizer with BLIP's extra [DEC] (bos) and [ENC] tokens."""
     chars = list(dict.fromkeys(string.ascii_lowercase + string.digits + string.punctuation))
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -89,7 +74,7 @@ def build_tiny_backbone(
     square = {"height": image_size, "width": image_size}
 
     if family == "clip":
-        tok = _clip_bpe_tokenizer(vocab_merges, max_length=77)
+        tok = clip_bpe_tokenizer(vocab_merges, max_length=77)
         # eos must be the real <|endoftext|> id (not the legacy 2) so CLIP pools at the first EOS.
         ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         text = dict(tower, vocab_size=len(tok), max_position_embeddings=77, **ids)
@@ -99,14 +84,14 @@ def build_tiny_backbone(
     elif family == "siglip":
         # No sentencepiece model is available offline, so SigLIP gets a CLIP BPE tokenizer padded with eos.
         max_len = 16
-        tok = _clip_bpe_tokenizer(vocab_merges, max_length=max_len)
+        tok = clip_bpe_tokenizer(vocab_merges, max_length=max_len)
         ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         text = dict(tower, vocab_size=len(tok), max_position_embeddings=max_len, **ids)
         config = tf.SiglipConfig(text_config=text, vision_config=vision)
         model_cls = tf.SiglipModel
         processor = tf.SiglipImageProcessor(size=square)
     else:
-        tok = _blip_wordpiece_tokenizer(max_length=64)
+        tok = blip_wordpiece_tokenizer(max_length=64)
         ids = dict(
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.sep_token_id,

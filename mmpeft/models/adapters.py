@@ -8,9 +8,10 @@ from collections import defaultdict
 
 from torch import nn
 
-from .backbones import Backbone
-from .backbones.registry import TOWERS, BackboneFamily
-from .config import LoraSettings, ModelConfig
+from ..backbones import Backbone
+from ..backbones.registry import TOWERS, BackboneFamily
+from ..config import LoraSettings, ModelConfig
+from ..errors import ConfigError
 
 
 def tower_targets(family: BackboneFamily, tower: str, lora: LoraSettings, num_layers: int) -> str:
@@ -19,9 +20,9 @@ def tower_targets(family: BackboneFamily, tower: str, lora: LoraSettings, num_la
     if lora.layers is None:
         return pattern.replace("{layer}", r"\d+")
     if "{layer}" not in pattern:
-        raise ValueError(f"`model.{tower}.lora.layers` needs `{{layer}}` in the target regex, got {pattern!r}.")
+        raise ConfigError(f"`model.{tower}.lora.layers` needs `{{layer}}` in the target regex, got {pattern!r}.")
     if lora.layers > num_layers:
-        raise ValueError(f"`model.{tower}.lora.layers={lora.layers}` but the {tower} tower has {num_layers} layers.")
+        raise ConfigError(f"`model.{tower}.lora.layers={lora.layers}` but the {tower} tower has {num_layers} layers.")
     last = "|".join(str(i) for i in range(num_layers - lora.layers, num_layers))
     return pattern.replace("{layer}", f"(?:{last})")
 
@@ -30,7 +31,7 @@ def _shared_setting(settings: dict[str, LoraSettings], name: str):
     """peft keeps some settings once per adapter: LoRA towers must agree on them."""
     values = {tower: getattr(s, name) for tower, s in settings.items()}
     if len(set(map(repr, values.values()))) > 1:
-        raise ValueError(f"peft applies one `{name}` to the whole adapter, but the LoRA towers differ: "
+        raise ConfigError(f"peft applies one `{name}` to the whole adapter, but the LoRA towers differ: "
                          + ", ".join(f"model.{t}.lora.{name}={v!r}" for t, v in values.items()))
     return next(iter(values.values()))
 
@@ -82,7 +83,7 @@ def attach_adapters(backbone: Backbone, cfg: ModelConfig) -> nn.Module:
     try:
         model = get_peft_model(backbone.model, lora_config)
     except ValueError as err:
-        raise ValueError(f"peft could not attach the adapter to {backbone.name!r}: {err}") from None
+        raise ConfigError(f"peft could not attach the adapter to {backbone.name!r}: {err}") from None
     pin_mha_base_weights(model)
     unused = backbone.family.unused_in_full
     if unused:
@@ -95,7 +96,7 @@ def attach_adapters(backbone: Backbone, cfg: ModelConfig) -> nn.Module:
         if getattr(cfg, tower).mode == "lora" and not any(
             backbone.family.tower_of(n) == tower for n in lora_module_names(model)
         ):
-            raise ValueError(f"`model.{tower}.mode=lora` but no module of {backbone.name!r} matches the {tower} "
+            raise ConfigError(f"`model.{tower}.mode=lora` but no module of {backbone.name!r} matches the {tower} "
                              f"target regex; check `model.{tower}.lora.targets`.")
     return model
 
@@ -114,7 +115,7 @@ def pin_mha_base_weights(model: nn.Module) -> int:
     layers = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
     backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
     if layers and backend not in ("no", ""):
-        raise ValueError(
+        raise ConfigError(
             f"LoRA on nn.MultiheadAttention (open_clip towers) cannot be compiled: peft swaps the layer's weights "
             f"inside forward, which torch.compile rejects ('set_ on a graph input'), but accelerate was launched with "
             f"dynamo_backend={backend}. Launch without `--dynamo_backend` (or `dynamo_backend: 'NO'`), or set the "
