@@ -17,7 +17,8 @@ from .data.loaders import build_dataloaders
 from .models.adapters import attach_adapters, build_lora_config, lora_module_names, tower_targets, trainable_report
 from .models.classifier import FusionClassifier, build_classifier
 from .models.heads import build_head
-from .models.retrieval import RetrievalModel, build_retrieval_model, contrastive_loss, evaluate_retrieval
+from .models.retrieval import RetrievalModel, build_retrieval_model, contrastive_loss
+from .training.evaluation import evaluate_retrieval
 from .models.saving import load_adapter, load_retrieval_model, save_adapter
 from .training.evaluation import evaluate, predict_logits
 from .training.loop import train

@@ -13,10 +13,24 @@ from .errors import ConfigError, MmpeftError, PathExistsError
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The training command line, shared by `mmpeft train` and the recipes."""
-    parser.add_argument("--config", help="YAML config (recipes/configs/*.yaml); defaults otherwise")
+    parser.add_argument("--config", help="YAML config (recipes/configs/*.yaml); without it, the embedded default "
+                        "(the values of recipes/configs/embedded_sentiment.yaml)")
     parser.add_argument("--skip-bad-rows", action="store_true",
                         help="drop unreadable or invalid rows and report them (= data.skip_bad_rows=true)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 model.text.mode=frozen")
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parse_args`, with `section.key=value` overrides accepted before options too (`a=1 --config x b=2`):
+    argparse alone takes the positionals of one run of arguments only and calls the rest unrecognized."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [x for x in extra if "=" in x and not x.startswith("-")]
+    unknown = [x for x in extra if x not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def config_from_args(args: argparse.Namespace):
@@ -38,10 +52,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .data.loaders import make_loader
     from .data.manifest import read_split
-    from .models.retrieval import evaluate_retrieval, format_retrieval_report
     from .models.saving import load_adapter, load_retrieval_model, read_manifest
-    from .training.evaluation import evaluate
-    from .training.metrics import format_report
+    from .training.evaluation import evaluate, evaluate_retrieval
+    from .training.metrics import format_report, format_retrieval_report
 
     retrieval = read_manifest(args.adapter)["config"].get("task") == "retrieval"
     load = load_retrieval_model if retrieval else load_adapter
@@ -276,7 +289,7 @@ def report_user_errors(run, prog: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     return report_user_errors(lambda: args.func(args), f"mmpeft {args.command}")
 
 

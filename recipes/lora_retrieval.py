@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from mmpeft import train
-from mmpeft.cli import add_train_arguments, config_from_args, report_user_errors
-from mmpeft.models.retrieval import RECALL_AT
+from mmpeft.cli import add_train_arguments, config_from_args, parse_with_overrides, report_user_errors
+from mmpeft.training.metrics import RECALL_AT
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embedded_retrieval.yaml"
 
@@ -36,7 +36,7 @@ def compare(results: dict) -> str:
 def recipe_config(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     args.config = args.config or str(DEFAULT_CONFIG)
     args.overrides = ["task=retrieval", *args.overrides]  # any config, read as a retrieval run (its head unused)
     return config_from_args(args)

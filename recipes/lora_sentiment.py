@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mmpeft import train
-from mmpeft.cli import add_train_arguments, config_from_args, report_user_errors
+from mmpeft.cli import add_train_arguments, config_from_args, parse_with_overrides, report_user_errors
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embedded_sentiment.yaml"
 
@@ -22,7 +22,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embedded_sentime
 def recipe_config(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     args.config = args.config or str(DEFAULT_CONFIG)
     return config_from_args(args)
 

@@ -204,3 +204,25 @@ def test_siglip_needs_max_length_padding(backbones):
         alone = backbone.family.encode_text(backbone.model, short["input_ids"], short["attention_mask"]).pooled
         together = backbone.family.encode_text(backbone.model, mixed["input_ids"], mixed["attention_mask"]).pooled
     assert not torch.allclose(together[:2], alone, atol=1e-4)
+
+
+def test_building_tiny_clip_random_leaves_the_callers_seed_alone(tmp_path, monkeypatch):
+    """First use of `tiny-clip-random` builds it into the cache: that must not reseed the caller's RNG (it did:
+    the first run of a seed differed from later ones, and seeds 0 and 1 gave the same head), and the weights stay
+    those of seed 0 (the cache key is the config's digest)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from mmpeft.backbones.embedded import PRETRAINED_DIR, RANDOM_BACKBONE
+    from mmpeft.backbones.registry import resolve_short_name
+
+    monkeypatch.setenv("MMPEFT_CACHE", str(tmp_path))
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    built = resolve_short_name(RANDOM_BACKBONE)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(0)
+    reference = CLIPModel(CLIPConfig.from_pretrained(PRETRAINED_DIR)).state_dict()
+    loaded = CLIPModel.from_pretrained(built).state_dict()
+    assert all(torch.equal(reference[k], loaded[k]) for k in reference)

@@ -159,7 +159,8 @@ def test_quick_fewshot_zero_shot_is_evaluated_untrained(tmp_path, tiny_paths, on
                       extra=[f"model.name={tiny_paths['clip']}", "train.mixed_precision=no"])
     zero, probe = results["runs"]
     assert zero["status"] == probe["status"] == "ok", (zero.get("error"), probe.get("error"))
-    assert not zero["trained"] and zero["command"][1:3] == ["-m", "mmpeft.compare.child"]
+    assert not zero["trained"] and zero["command"][1:4] == ["-m", "mmpeft.cli", "train"]
+    assert "train.evaluate_only=true" in zero["command"]  # the same loop, fit skipped
     assert zero["trainable_parameters"] == zero["adapter_bytes"] == zero["steps"] == 0
     assert probe["trained"] and probe["trainable_parameters"] > 0 and probe["steps"] == 4
     manifest = Path(out / "data" / "shape-k1-seed0" / "train.jsonl").read_text().splitlines()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from mmpeft import load_config
+from mmpeft.config import config_from_dict
+from mmpeft.errors import ConfigError
 
 
 def test_defaults_are_the_embedded_run():
@@ -59,3 +64,54 @@ def test_bad_files_and_overrides(tmp_path):
         load_config(None, ["epochs"])
     with pytest.raises(ValueError, match="must be a mapping"):
         load_config(None, ["train=3"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_grad_norm=-1", "train.max_grad_norm"), ("train.early_stopping_patience=0", "train.early_stopping_patience"),
+    ("train.early_stopping_patience=-1", "train.early_stopping_patience"), ("train.eval_every=0", "train.eval_every"),
+    ("data.eval_batch_size=0", "data.eval_batch_size"), ("data.max_text_length=0", "data.max_text_length"),
+    ("train.epochs=2.5", "train.epochs"), ("head.hidden=-5", "head.hidden"), ("model.text.lora.r=2.5", "model.text.lora.r"),
+    ("data.num_workers=1.5", "data.num_workers"), ("train.seed=abc", "train.seed"),
+    ("data.max_text_length=-1", "data.max_text_length"), ("head.dropout=1.5", "head.dropout"),
+    ("train.grad_accum=2.5", "train.grad_accum"), ("train.lr_lora=0", "train.lr_lora"),
+    ("train.log_every=true", "train.log_every"), ("model.vision.lora.alpha=nan", "model.vision.lora.alpha"),
+])
+def test_every_numeric_key_has_its_type_and_range_checked(override, key):
+    """Values that used to be accepted and silently ruin a run (or end in a bare traceback) name their key."""
+    with pytest.raises(ConfigError, match=re.escape(f"`{key}` must be")):
+        load_config(None, [override])
+
+
+def test_a_yaml_file_whose_top_level_is_a_list_is_refused(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("- train\n- epochs\n")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))} must hold a mapping of sections"):
+        load_config(path)
+
+
+def test_the_embedded_yaml_spells_out_the_defaults():
+    """`mmpeft train`, `mmpeft compare` and the recipes agree on the embedded default: the dataclass defaults are
+    recipes/configs/embedded_sentiment.yaml's values."""
+    yaml_config = load_config(Path(__file__).parents[1] / "recipes" / "configs" / "embedded_sentiment.yaml")
+    assert yaml_config.to_dict() == load_config(None).to_dict()
+
+
+def test_a_saved_config_that_fails_todays_checks_loads_with_a_warning(caplog):
+    saved = load_config(None).to_dict()
+    saved["train"]["max_grad_norm"] = -1.0  # accepted by earlier releases
+    with pytest.raises(ConfigError):
+        config_from_dict(saved)
+    with caplog.at_level("WARNING"):
+        cfg = config_from_dict(saved, strict=False)
+    assert cfg.train.max_grad_norm == -1.0 and "train.max_grad_norm" in caplog.text
+
+
+def test_overrides_may_come_before_and_after_the_config_option():
+    from mmpeft.cli import build_parser, config_from_args, parse_with_overrides
+
+    config = Path(__file__).parents[1] / "recipes" / "configs" / "embedded_sentiment.yaml"
+    args = parse_with_overrides(build_parser(), ["train", "train.epochs=3", "--config", str(config), "train.seed=4"])
+    cfg = config_from_args(args)
+    assert cfg.train.epochs == 3 and cfg.train.seed == 4
+    with pytest.raises(SystemExit):
+        parse_with_overrides(build_parser(), ["train", "--no-such-option"])

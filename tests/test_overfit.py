@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES
 from mmpeft import get_family, load_config, train
 
-train_module = importlib.import_module("mmpeft.training.loop")  # `mmpeft.training.loop` the attribute is the function
+train_module = importlib.import_module("mmpeft.training.tasks")  # where the task builds its classifier
 
 FAST = ["train.mixed_precision=no", "train.progress=false", "train.tracker=null", "data.num_workers=0"]
 OVERFIT = ["train.lr_lora=5e-3", "train.lr_head=1e-2", "train.epochs=10", "data.batch_size=8",

@@ -15,7 +15,7 @@ import torch
 
 from conftest import write_manifest
 from mmpeft import DataError, contrastive_loss, load_adapter, load_config, load_retrieval_model, train
-from mmpeft.models.retrieval import retrieval_metrics
+from mmpeft.training.metrics import retrieval_metrics
 from mmpeft.world.retrieval import retrieval_pair, write_retrieval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_saved_adapter_loads_through_stock_peft_and_mmpeft_with_equal_outputs(tr
 
     from mmpeft.data.loaders import make_loader
     from mmpeft.data.manifest import read_split
-    from mmpeft.models.retrieval import evaluate_retrieval
+    from mmpeft.training.evaluation import evaluate_retrieval
 
     out, results = trained
     ours = load_retrieval_model(out)
@@ -156,7 +156,7 @@ def test_recipe_on_two_ranks_trains_the_embedded_world_set_and_counts_every_pair
 
     from mmpeft.data.loaders import make_loader
     from mmpeft.data.manifest import read_split
-    from mmpeft.models.retrieval import evaluate_retrieval
+    from mmpeft.training.evaluation import evaluate_retrieval
 
     out = tmp_path / "run"
     run = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BackboneError
+from .custom import seeded_init
 from .registry import register_short_name
 
 EMBEDDED_BACKBONE = "tiny-clip"
@@ -39,7 +40,6 @@ def _tiny_clip() -> str:
 
 def _tiny_clip_random() -> str:
     """The shipped config, tokenizer and processor around freshly initialised weights (seed 0)."""
-    import torch
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
     source = Path(_tiny_clip())
@@ -48,8 +48,9 @@ def _tiny_clip_random() -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build aside and rename: several ranks may race here, and a half-written folder must never be read.
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        torch.manual_seed(0)
-        CLIPModel(CLIPConfig.from_pretrained(source)).save_pretrained(tmp)
+        # Seeded inside a forked RNG: the weights are those of seed 0 every time, and the caller's seed (set before
+        # the first use builds this) is left as it was.
+        seeded_init(lambda: CLIPModel(CLIPConfig.from_pretrained(source)), seed=0).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
         CLIPImageProcessor.from_pretrained(source).save_pretrained(tmp)
         try:

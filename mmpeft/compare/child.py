@@ -1,12 +1,11 @@
-"""One configuration of a comparison in a fresh process, and what it measured.
+"""One configuration of a comparison in a fresh process (`python -m mmpeft.cli train`), and what it measured.
 
-`python -m mmpeft.compare.child` is the child that evaluates a configuration with nothing to train (few-shot
-`zero_shot`: the prompt head as built); everything that trains runs `python -m mmpeft.cli train`.
+A configuration with nothing to train (few-shot `zero_shot`: the prompt head as built) runs the same command with
+`train.evaluate_only=true`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -15,14 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import load_config
+from ..errors import MmpeftError
+
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "head.safetensors")
-
-
-def _nothing_to_train(base: str | None, overrides: list[str]) -> bool:
-    from ..config import load_config
-
-    cfg = load_config(base, overrides)
-    return cfg.model.text.mode == cfg.model.vision.mode == cfg.head.mode == "frozen"
 
 
 # A process's ru_maxrss starts at the high-water mark of the image it was exec'd from: a child spawned by this
@@ -105,14 +100,13 @@ def run_one(name: str, overrides: list[str], run_dir: Path, *, base: str | None,
     record = {"config": name, "shots": shots, "seed": seed, "output_dir": str(run_dir), "overrides": overrides,
               "status": "failed", "error": None}
     try:
-        trains = not _nothing_to_train(base, overrides)
-    except (ValueError, FileNotFoundError) as err:  # the config itself is wrong: no process to start
+        cfg = load_config(base, overrides)
+    except MmpeftError as err:  # the config itself is wrong: no process to start
         record["error"] = str(err)
         return record
-    record["trained"] = trains
+    record["trained"] = not cfg.train.evaluate_only  # e.g. few-shot `zero_shot`: the prompt head as built
     (run_dir / "metrics.json").unlink(missing_ok=True)  # a stale one must not pass for this run's result
-    entry = ["-m", "mmpeft.cli", "train"] if trains else ["-m", "mmpeft.compare.child"]
-    cmd = [sys.executable, *entry, *(["--config", str(base)] if base else []), *overrides]
+    cmd = [sys.executable, "-m", "mmpeft.cli", "train", *(["--config", str(base)] if base else []), *overrides]
     record["command"] = cmd
     child = run_child(cmd, run_dir / "log.txt", timeout)
     record.update(exit_code=child["exit_code"], wall_seconds=child["wall_seconds"])
@@ -123,56 +117,3 @@ def run_one(name: str, overrides: list[str], run_dir: Path, *, base: str | None,
     else:
         record.update(collect(run_dir, child, cuda), status="ok")
     return record
-
-
-# --- the child that evaluates a configuration with nothing to train ------------------------------------------------
-
-
-def evaluate_untrained(cfg) -> dict:
-    """Evaluate the classifier as built (e.g. zero-shot CLIP through the prompt head); writes metrics.json."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from ..backbones import load_backbone
-    from ..data.loaders import build_dataloaders
-    from ..models.adapters import trainable_report
-    from ..models.classifier import build_classifier
-    from ..training.evaluation import evaluate
-    from ..training.metrics import format_report
-    from ..training.optim import peak_memory_gib, resolve_mixed_precision
-
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
-    set_seed(cfg.train.seed)
-    backbone = load_backbone(cfg.model.name, family=cfg.model.family, revision=cfg.model.revision,
-                             dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights,
-                             quantization=cfg.model.quantization)
-    data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed, require_text=cfg.head.reads_captions)
-    model = build_classifier(backbone, cfg, data.label_names)
-    parts = trainable_report(model, backbone.family)
-    model = accelerator.prepare(model)
-    results = {"steps": 0, "best_step": 0, "train_seconds": 0.0, "data": data.report,
-               "trainable_parameters": {part: {"trainable": 0, "total": p["total"]} for part, p in parts.items()}}
-    for name in ("eval", "test"):
-        if name in data.loaders:
-            results[name] = evaluate(model, accelerator.prepare(data.loaders[name]), accelerator, data.label_names)
-            accelerator.print(f"\n{name} (untrained)\n{format_report(results[name])}")
-    results["peak_memory_gib"] = peak_memory_gib()
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    return results
-
-
-def _untrained_main(argv: list[str] | None = None) -> None:
-    from ..cli import add_train_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(prog="python -m mmpeft.compare.child",
-                                     description="Evaluate a configuration with nothing to train.")
-    add_train_arguments(parser)
-    evaluate_untrained(config_from_args(parser.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    from ..cli import report_user_errors
-
-    sys.exit(report_user_errors(_untrained_main, "python -m mmpeft.compare.child"))

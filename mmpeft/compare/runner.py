@@ -6,7 +6,7 @@
 Every (configuration, shots, seed) is one `mmpeft train` in its own subprocess, so the peak memory it reports
 belongs to that run alone: on CPU the peak resident set of that process (`os.wait4`'s rusage, taken by a
 bare launcher: see `run_child`), on CUDA the run's own `torch.cuda.max_memory_allocated`.
-A configuration with nothing to train (few-shot `zero_shot`) is evaluated as built (`mmpeft.compare.child`).
+A configuration with nothing to train (few-shot `zero_shot`) is evaluated as built (`train.evaluate_only=true`).
 A failed run is recorded with the end of its log and the comparison goes on. Here: the named configurations,
 the data of each (shots, seed), the loop over runs and the command line; charts and tables: `compare_report`.
 """
@@ -47,7 +47,7 @@ CONFIGS = {
         "lora_both_random": [*_LORA_BOTH, "model.name=tiny-clip-random"],
     },
     "fewshot": {  # the prompt head: class names as prompts; no captions, so no text augmentation
-        "zero_shot": [*_FROZEN, "head.mode=frozen"],
+        "zero_shot": [*_FROZEN, "head.mode=frozen", "train.evaluate_only=true"],
         "linear_probe": [*_FROZEN, "head.mode=full"],  # class embeddings (from the prompts) and the scale train
         "lora_both": [*_LORA_BOTH],
         "lora_text": ["model.text.mode=lora", "model.vision.mode=frozen"],
@@ -59,9 +59,9 @@ CONFIGS = {
 # Applied before each configuration's overrides; the same for every configuration of a task.
 TASK_OVERRIDES = {
     "sentiment": ["train.tracker=null"],
-    # One step budget for every k (an epoch is a single batch at k=1); the validation split picks the best step.
-    "fewshot": ["head.type=prompt", "head.mode=full", "train.tracker=null", "train.epochs=100000",
-                "train.max_steps=200", "train.eval_every=20", "data.batch_size=32", "data.num_workers=0"],
+    # One step budget for every k (`max_steps`: exactly that many steps, however many epochs that takes; an epoch
+    # is a single batch at k=1); the validation split picks the best step.
+    "fewshot": ["head.type=prompt", "head.mode=full", "train.tracker=null", "train.max_steps=200", "train.eval_every=20", "data.batch_size=32", "data.num_workers=0"],
 }
 QUICK_OVERRIDES = ["train.max_steps=4", "train.eval_every=4", "data.num_workers=0"]
 QUICK_SENTIMENT_SIZES = {"train": 96, "val": 48, "test": 96}

@@ -21,7 +21,8 @@ from ..quant import (
     skip_patterns,
 )
 from .adapters import attach_adapters
-from .heads import Head, PromptHead, build_head
+from .heads import Head, build_head
+from .logit_scale import backbone_logit_scale
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class FusionClassifier(DualTowers):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, **_: object) -> torch.Tensor:
-        if isinstance(self.head, PromptHead) and self.head.class_embeds is None:
+        if self.head.encodes_prompts and self.head.class_embeds is None:
             text = self.encode_text(self.prompt_ids, self.prompt_mask)
         else:
             text = self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
@@ -196,12 +197,8 @@ def build_classifier(backbone: Backbone, cfg: Config, label_names: list[str], *,
     if len(label_names) < 2:
         raise ConfigError(f"A classifier needs at least 2 classes, got {label_names!r}.")
     peft_model, tower_modes = prepare_towers(backbone, cfg.model)
-    logit_scale = getattr(backbone.model, "logit_scale", None)
-    head = build_head(
-        cfg.head, backbone.embed_dims, len(label_names),
-        text_trainable=tower_modes["text"] != "frozen",
-        logit_scale=float(logit_scale.exp()) if logit_scale is not None else 100.0,
-    )
+    head = build_head(cfg.head, backbone.embed_dims, len(label_names), text_trainable=tower_modes["text"] != "frozen",
+                      logit_scale=backbone_logit_scale(backbone.model))
     model = FusionClassifier(peft_model, backbone.family, head, label_names, tower_modes)
     if cfg.head.type == "prompt":
         _attach_prompts(model, backbone, cfg.head, init=init_head)

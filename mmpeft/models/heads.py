@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.registry import TowerOutput
-from ..config import HeadConfig
+from ..config import HEAD_SPECS, HeadConfig
 from ..errors import ConfigError
+from .logit_scale import DEFAULT_LOGIT_SCALE
 
 
 def _classifier(in_dim: int, cfg: HeadConfig, num_classes: int) -> nn.Module:
@@ -27,10 +28,13 @@ def _maybe_normalize(x: torch.Tensor, cfg: HeadConfig) -> torch.Tensor:
 
 
 class Head(nn.Module, abc.ABC):
-    """Base: which towers a head reads; `forward` maps their outputs to class logits."""
+    """Base: `forward` maps the towers' outputs to class logits. Which towers it reads comes from its type's
+    `HeadSpec` (`build_head` sets `uses_text` / `uses_image`); `encodes_prompts`: the text tower encodes the class
+    prompts instead of each example's caption."""
 
     uses_text = True
     uses_image = True
+    encodes_prompts = False
 
     @abc.abstractmethod
     def forward(self, text: TowerOutput | None, image: TowerOutput | None) -> torch.Tensor:
@@ -108,11 +112,11 @@ class UnimodalHead(Head):
     def __init__(self, cfg: HeadConfig, dims: dict[str, int], num_classes: int, modality: str):
         super().__init__()
         self.cfg = cfg
-        self.uses_text, self.uses_image = modality == "text", modality == "vision"
+        self.modality = modality
         self.classifier = _classifier(dims[modality], cfg, num_classes)
 
     def forward(self, text, image):
-        pooled = text.pooled if self.uses_text else image.pooled
+        pooled = text.pooled if self.modality == "text" else image.pooled
         return self.classifier(_maybe_normalize(pooled, self.cfg))
 
 
@@ -123,7 +127,7 @@ class PromptHead(Head):
     zero-shot CLIP); with a trainable text tower they are re-encoded every step and passed in as `text`.
     """
 
-    uses_text = False
+    encodes_prompts = True
 
     def __init__(self, num_classes: int, dim: int, logit_scale: float, static: bool):
         super().__init__()
@@ -136,22 +140,36 @@ class PromptHead(Head):
         return self.logit_scale.exp() * image_embeds @ F.normalize(classes, dim=-1).t()
 
 
+def _unimodal(modality: str):
+    return lambda cfg, dims, num_classes, **_: UnimodalHead(cfg, dims, num_classes, modality)
+
+
+def _prompt(cfg: HeadConfig, dims: dict[str, int], num_classes: int, *, text_trainable: bool, logit_scale: float):
+    if dims["text"] != dims["vision"]:
+        raise ConfigError(f"`head.type=prompt` needs text and image embeddings of one width, got "
+                          f"{dims['text']} and {dims['vision']}.")
+    return PromptHead(num_classes, dims["vision"], logit_scale, static=not text_trainable)
+
+
+# One builder per head type of `HEAD_SPECS` (the table of what each head reads, in the config).
+HEADS = {
+    "concat": lambda cfg, dims, num_classes, **_: ConcatHead(cfg, dims, num_classes),
+    "gated": lambda cfg, dims, num_classes, **_: GatedHead(cfg, dims, num_classes),
+    "cross_attention": lambda cfg, dims, num_classes, **_: CrossAttentionHead(cfg, dims, num_classes),
+    "text_only": _unimodal("text"),
+    "image_only": _unimodal("vision"),
+    "prompt": _prompt,
+}
+assert set(HEADS) == set(HEAD_SPECS), "every head type in HEAD_SPECS needs a builder here"
+
+
 def build_head(cfg: HeadConfig, dims: dict[str, int], num_classes: int, *, text_trainable: bool = False,
-               logit_scale: float = 100.0) -> Head:
+               logit_scale: float = DEFAULT_LOGIT_SCALE) -> Head:
     """Construct the configured head; the prompt head's class embeddings are filled in by the model."""
-    if cfg.type == "concat":
-        return ConcatHead(cfg, dims, num_classes)
-    if cfg.type == "gated":
-        return GatedHead(cfg, dims, num_classes)
-    if cfg.type == "cross_attention":
-        return CrossAttentionHead(cfg, dims, num_classes)
-    if cfg.type == "text_only":
-        return UnimodalHead(cfg, dims, num_classes, "text")
-    if cfg.type == "image_only":
-        return UnimodalHead(cfg, dims, num_classes, "vision")
-    if cfg.type == "prompt":
-        if dims["text"] != dims["vision"]:
-            raise ConfigError(f"`head.type=prompt` needs text and image embeddings of one width, got "
-                             f"{dims['text']} and {dims['vision']}.")
-        return PromptHead(num_classes, dims["vision"], logit_scale, static=not text_trainable)
-    raise ConfigError(f"Unknown head type {cfg.type!r}.")
+    if cfg.type not in HEADS:
+        raise ConfigError(f"Unknown head type {cfg.type!r}; known: {sorted(HEADS)}.")
+    head = HEADS[cfg.type](cfg, dims, num_classes, text_trainable=text_trainable, logit_scale=logit_scale)
+    spec = HEAD_SPECS[cfg.type]
+    head.uses_text = "text" in spec.towers and not head.encodes_prompts
+    head.uses_image = "vision" in spec.towers
+    return head

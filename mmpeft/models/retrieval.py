@@ -16,11 +16,7 @@ from ..backbones.registry import BackboneFamily
 from ..config import Config
 from ..errors import ConfigError
 from .classifier import DualTowers, prepare_towers
-
-# A family without a learned logit scale (dual encoders, BLIP's transformers port) gets CLIP's initial
-# temperature, 1 / 0.07: fixed, not trained.
-DEFAULT_LOGIT_SCALE = 1 / 0.07
-RECALL_AT = (1, 5, 10)
+from .logit_scale import backbone_logit_scale
 
 
 class RetrievalModel(DualTowers):
@@ -57,15 +53,18 @@ def build_retrieval_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
                          f"{dims['text']} and images in {dims['vision']} dimensions: use a backbone with a shared "
                          "embedding space (CLIP, SigLIP, BLIP, open_clip).")
     peft_model, tower_modes = prepare_towers(backbone, cfg.model)
-    scale = getattr(backbone.model, "logit_scale", None)
-    logit_scale = float(scale.detach().float().exp()) if scale is not None else DEFAULT_LOGIT_SCALE
-    return RetrievalModel(peft_model, backbone.family, tower_modes, logit_scale)
+    # The backbone's own scale, fixed (not trained); a family without one gets the default temperature.
+    return RetrievalModel(peft_model, backbone.family, tower_modes, backbone_logit_scale(backbone.model))
+
+
+def _symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Tensor, targets: torch.Tensor
+                             ) -> torch.Tensor:
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy (image->text and text->image) of (B, B) logits whose pairs are on the diagonal."""
-    targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    return _symmetric_cross_entropy(logits, logits.t(), torch.arange(len(logits), device=logits.device))
 
 
 def contrastive_loss_across_processes(image: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -83,68 +82,4 @@ def contrastive_loss_across_processes(image: torch.Tensor, text: torch.Tensor, l
         offset = dist.get_rank() * len(image)
         all_image, all_text = (torch.cat(dist_nn.all_gather(x)) for x in (image, text))
     targets = torch.arange(len(image), device=image.device) + offset
-    image_to_text, text_to_image = logit_scale * image @ all_text.t(), logit_scale * text @ all_image.t()
-    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2
-
-
-def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, *, logit_scale: float,
-                      ks: tuple[int, ...] = RECALL_AT, chunk: int = 1024) -> dict:
-    """Recall@k both ways and the split's contrastive loss, from normalised embeddings paired row by row.
-
-    A query's hit is its own pair only: another caption identical to the paired one (duplicate captions) is a
-    different candidate, and ties count against the pair (a candidate scoring equal to the paired one ranks
-    above it), so a collapsed model that embeds everything alike scores 0, not 1. Rows of the (N, N)
-    similarity are computed `chunk` at a time.
-    """
-    n = len(image)
-    metrics, losses = {}, []
-    for direction, queries, keys in (("i2t", image, text), ("t2i", text, image)):
-        ranks = []
-        for start in range(0, n, chunk):
-            sim = queries[start:start + chunk].float() @ keys.float().t()  # (c, N)
-            rows = torch.arange(len(sim))
-            paired = sim[rows, rows + start]
-            ahead = sim >= paired[:, None]
-            ahead[rows, rows + start] = False
-            ranks.append(ahead.sum(1))  # 0 = the pair comes first
-            losses.append(torch.logsumexp(logit_scale * sim, dim=1) - logit_scale * paired)
-        rank = torch.cat(ranks)
-        for k in ks:
-            metrics[f"{direction}_recall@{k}"] = float((rank < k).float().mean())
-    metrics["recall_mean"] = sum(metrics.values()) / len(metrics)
-    metrics["loss"] = float(torch.cat(losses).mean())  # = contrastive_loss over the whole split
-    metrics["num_samples"] = n
-    return metrics
-
-
-@torch.no_grad()
-def embed_split(model: nn.Module, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image, text) embeddings of a whole split on every process, each example once, in manifest order."""
-    was_training = model.training
-    model.eval()
-    images, texts, index = [], [], []
-    for batch in loader:
-        image, text = model(**batch, embed=True)
-        image, text, batch_index = accelerator.gather_for_metrics((image, text, batch["index"]))
-        images.append(image.float().cpu())
-        texts.append(text.float().cpu())
-        index.append(batch_index.cpu())
-    model.train(was_training)
-    order = torch.cat(index).argsort()
-    return torch.cat(images)[order], torch.cat(texts)[order]
-
-
-def evaluate_retrieval(model: nn.Module, loader, accelerator) -> dict:
-    """Recall@1/5/10 image->text and text->image, their mean (`recall_mean`) and the contrastive loss of a split."""
-    image, text = embed_split(model, loader, accelerator)
-    return retrieval_metrics(image, text, logit_scale=accelerator.unwrap_model(model).logit_scale)
-
-
-def format_retrieval_report(metrics: dict, ks: tuple[int, ...] = RECALL_AT) -> str:
-    """Recall@k as a small table: one row per direction, then the mean and the loss."""
-    lines = [f"{'':>12}" + "".join(f"{f'R@{k}':>8}" for k in ks)]
-    for direction, name in (("i2t", "image->text"), ("t2i", "text->image")):
-        lines.append(f"{name:>12}" + "".join(f"{metrics[f'{direction}_recall@{k}']:8.4f}" for k in ks))
-    lines.append(f"{'mean recall':>12}{metrics['recall_mean']:8.4f}   (loss {metrics['loss']:.4f}, "
-                 f"{metrics['num_samples']} pairs)")
-    return "\n".join(lines)
+    return _symmetric_cross_entropy(logit_scale * image @ all_text.t(), logit_scale * text @ all_image.t(), targets)

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..backbones import BackboneError, load_backbone
-from ..config import Config, _build
+from ..config import Config, config_from_dict
 from ..errors import AdapterError, MissingPathError
 from .classifier import FusionClassifier, build_classifier
 from .retrieval import RetrievalModel, build_retrieval_model
 
 FORMAT_VERSION = 1
-MANIFEST = "mmpeft.json"
+RUN_RECORD = "mmpeft.json"  # the run record: task, labels, backbone, tower modes, config, versions
 HEAD_WEIGHTS = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -71,11 +71,13 @@ def save_adapter(model: FusionClassifier | RetrievalModel, out_dir: str | Path, 
             "backbone": {"name": backbone_name, "revision": backbone_revision, "family": model.family.name,
                          "fingerprint": fingerprint},
             "tower_modes": model.tower_modes,
+            # a retrieval model's fixed temperature, so the run reports the same losses wherever it is loaded
+            **({"logit_scale": model.logit_scale} if isinstance(model, RetrievalModel) else {}),
             "config": config.to_dict(),
             "versions": _versions(),
             "git_commit": _git_commit(),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (staging / RUN_RECORD).write_text(json.dumps(manifest, indent=2))
         written = [p.name for p in staging.iterdir()]
         for stale in (*ADAPTER_FILES, HEAD_WEIGHTS):
             if stale not in written and (out_dir / stale).exists():
@@ -89,9 +91,9 @@ def save_adapter(model: FusionClassifier | RetrievalModel, out_dir: str | Path, 
 
 def read_manifest(out_dir: str | Path) -> dict:
     """The `mmpeft.json` of a saved classifier, with a clear error if the folder is not one."""
-    path = Path(out_dir) / MANIFEST
+    path = Path(out_dir) / RUN_RECORD
     if not path.is_file():
-        raise MissingPathError(f"{out_dir} is not an mmpeft output folder: {MANIFEST} is missing. "
+        raise MissingPathError(f"{out_dir} is not an mmpeft output folder: {RUN_RECORD} is missing. "
                                 "Pass the folder a training run wrote (its `train.output_dir`).")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -144,9 +146,9 @@ def _load(out_dir: str | Path, task: str, *, base: str | None, device: str | tor
 
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
-    config: Config = _build(Config, manifest["config"], "")
+    config = config_from_dict(manifest["config"], strict=False)  # an old run loads as it was trained
     if config.task != task:
-        raise AdapterError(f"{out_dir} holds a {config.task} model (`task={config.task}` in its {MANIFEST}), not a "
+        raise AdapterError(f"{out_dir} holds a {config.task} model (`task={config.task}` in its {RUN_RECORD}), not a "
                          f"{task} one: load it with `{_LOADERS[config.task]}`.")
     recorded = manifest["backbone"]
     location = base or backbone_location(out_dir, recorded["name"])
@@ -161,6 +163,7 @@ def _load(out_dir: str | Path, task: str, *, base: str | None, device: str | tor
         )
     if task == "retrieval":
         model = build_retrieval_model(backbone, config)
+        model.logit_scale = manifest.get("logit_scale", model.logit_scale)  # older runs: the backbone's, as then
     else:
         model = build_classifier(backbone, config, manifest["label_names"], init_head=False)
     if hasattr(model.backbone, "peft_config"):

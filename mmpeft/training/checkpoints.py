@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import CheckpointError  # noqa: F401  (raised here; importable from here too)
 
 CHECKPOINTS = "checkpoints"
-MANIFEST = "mmpeft_checkpoint.json"
+CHECKPOINT_INDEX = "mmpeft_checkpoint.json"
 _PREFIX = "step-"
 
 
@@ -40,7 +40,7 @@ class LoopState:
 # Keys that may change between a run and its resume without changing what it computes.
 RESUME_FREE = ("train.resume_from", "train.overwrite", "train.progress", "train.tracker", "train.log_every",
                "train.checkpoint_every", "train.keep_checkpoints", "train.output_dir", "data.num_workers",
-               "data.eval_batch_size")
+               "data.eval_batch_size", "train.project", "train.run_name")
 
 
 def resume_settings(flat_config: dict) -> dict:
@@ -48,9 +48,15 @@ def resume_settings(flat_config: dict) -> dict:
     return {k: v for k, v in flat_config.items() if k not in RESUME_FREE}
 
 
-def check_same_settings(path: Path, saved: dict, current: dict) -> None:
-    """A resume under other settings would not continue the same run: name what differs."""
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+def check_same_settings(path: Path, saved: dict, current: dict, defaults: dict | None = None) -> None:
+    """A resume under other settings would not continue the same run: name what differs.
+
+    A key the checkpoint does not know (added to mmpeft after it was written) is no difference while it has its
+    default value, so a newer mmpeft resumes older checkpoints.
+    """
+    defaults = defaults or {}
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
+                    and not (k not in saved and k in defaults and current.get(k) == defaults[k]))
     if saved and differ:
         shown = ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {current.get(k)!r})" for k in differ[:8])
         raise CheckpointError(f"Checkpoint {path} was written with other settings: {shown}. Resume with the "
@@ -89,7 +95,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: LoopState, extra
             for name, write in (extra_files or {}).items():
                 write(staging / name)
             files = {p.relative_to(staging).as_posix(): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-            (staging / MANIFEST).write_text(json.dumps({"state": asdict(state), "files": files}, indent=2))
+            (staging / CHECKPOINT_INDEX).write_text(json.dumps({"state": asdict(state), "files": files}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
     except BaseException:
@@ -108,7 +114,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / MANIFEST).is_file()]
+    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / CHECKPOINT_INDEX).is_file()]
     return sorted(done, key=lambda p: p.name)
 
 
@@ -121,15 +127,15 @@ def resolve_resume(output_dir: str | Path, resume_from: str) -> Path:
                                   "finished checkpoint. Set `train.checkpoint_every` to write some.")
         return found[-1]
     path = Path(resume_from)
-    if not (path / MANIFEST).is_file():
-        raise CheckpointError(f"{path} is not an mmpeft checkpoint ({MANIFEST} is missing); pass a "
+    if not (path / CHECKPOINT_INDEX).is_file():
+        raise CheckpointError(f"{path} is not an mmpeft checkpoint ({CHECKPOINT_INDEX} is missing); pass a "
                               f"`{CHECKPOINTS}/{_PREFIX}N` folder of a run or `latest`.")
     return path
 
 
 def verify_checkpoint(path: Path) -> LoopState:
     """Check every file against the manifest's hashes before any pickle in it is loaded."""
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = json.loads((path / CHECKPOINT_INDEX).read_text())
     problems = []
     for name, expected in manifest["files"].items():
         file = path / name
@@ -138,7 +144,7 @@ def verify_checkpoint(path: Path) -> LoopState:
         elif _sha256(file) != expected:
             problems.append(f"{name} was changed after mmpeft wrote it")
     unexpected = [p.relative_to(path).as_posix() for p in path.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and p.relative_to(path).as_posix() not in manifest["files"]]
+                  if p.is_file() and p.name != CHECKPOINT_INDEX and p.relative_to(path).as_posix() not in manifest["files"]]
     problems += [f"{name} was not written by mmpeft" for name in unexpected]
     if problems:
         raise CheckpointError(f"Refusing to load checkpoint {path}: " + "; ".join(problems)

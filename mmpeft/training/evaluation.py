@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .metrics import classification_metrics
+from .metrics import classification_metrics, retrieval_metrics
 
 
 @torch.no_grad()
@@ -32,3 +32,26 @@ def evaluate(model: nn.Module, loader, accelerator, label_names: list[str],
     if loss_fn is not None:
         metrics["loss"] = float(loss_fn(logits, labels))
     return metrics
+
+
+@torch.no_grad()
+def embed_split(model: nn.Module, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) embeddings of a whole split on every process, each example once, in manifest order."""
+    was_training = model.training
+    model.eval()
+    images, texts, index = [], [], []
+    for batch in loader:
+        image, text = model(**batch, embed=True)
+        image, text, batch_index = accelerator.gather_for_metrics((image, text, batch["index"]))
+        images.append(image.float().cpu())
+        texts.append(text.float().cpu())
+        index.append(batch_index.cpu())
+    model.train(was_training)
+    order = torch.cat(index).argsort()
+    return torch.cat(images)[order], torch.cat(texts)[order]
+
+
+def evaluate_retrieval(model: nn.Module, loader, accelerator) -> dict:
+    """Recall@1/5/10 image->text and text->image, their mean (`recall_mean`) and the contrastive loss of a split."""
+    image, text = embed_split(model, loader, accelerator)
+    return retrieval_metrics(image, text, logit_scale=accelerator.unwrap_model(model).logit_scale)

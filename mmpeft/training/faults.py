@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -50,3 +53,23 @@ def stop_on_interrupt():
         yield request
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def launched_by_accelerate() -> bool:
+    """Whether this process was started by `accelerate launch` (its parent's command line says so)."""
+    try:
+        return b"accelerate" in Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def outlive_launcher(timeout: float = 3.0) -> None:
+    """Under `accelerate launch`, a terminal Ctrl-C reaches the launcher too: it waits 0.25 s for this process, then
+    prints its own KeyboardInterrupt traceback and exits. Wait (at most `timeout`) for it to be gone, so that this
+    run's message, the resume command, is the last thing on the terminal."""
+    parent = os.getppid()
+    if not launched_by_accelerate():
+        return
+    deadline = time.monotonic() + timeout
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -1,5 +1,9 @@
-"""The training loop, on Accelerate: one function that `recipes/lora_sentiment.py`, `recipes/lora_retrieval.py` and
-`mmpeft train` run. `cfg.task` picks the model, the loss and the evaluation; the loop is the same."""
+"""The training loop, on Accelerate: `train(cfg)` = `setup` → `fit` → `finish`, the one loop that
+`recipes/lora_sentiment.py`, `recipes/lora_retrieval.py` and `mmpeft train` run.
+
+What is learnt (model, loss, evaluation, report) belongs to the task object (`tasks.py`); the loop never asks which
+task it runs. `train.evaluate_only=true` skips `fit` and evaluates the model as built (e.g. zero-shot CLIP).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,16 +21,9 @@ from torch import nn
 from ..backbones import load_backbone
 from ..config import Config
 from ..data.loaders import build_dataloaders
-from ..errors import PathExistsError
+from ..errors import TrainingError
 from ..models.adapters import trainable_report
-from ..models.classifier import build_classifier
-from ..models.retrieval import (
-    build_retrieval_model,
-    contrastive_loss_across_processes,
-    evaluate_retrieval,
-    format_retrieval_report,
-)
-from ..models.saving import ADAPTER_FILES, MANIFEST, save_adapter
+from ..models.saving import save_adapter
 from .checkpoints import (
     LoopState,
     check_same_settings,
@@ -34,237 +32,356 @@ from .checkpoints import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .evaluation import evaluate
 from .faults import (
-    TrainingError,
+    launched_by_accelerate,
     loss_is_finite,
     out_of_memory_advice,
+    outlive_launcher,
     stop_on_interrupt,
 )
-from .metrics import format_report
-from .optim import (
-    EarlyStopping,
-    build_optimizer,
-    class_weights,
-    peak_memory_gib,
-    resolve_mixed_precision,
-    trainable_state,
-)
+from .optim import EarlyStopping, build_optimizer, peak_memory_gib, resolve_mixed_precision, trainable_state
+from .run_folder import kept_in, prepare_output_dir
+from .summary import run_summary
+from .tasks import Task, get_task
+from .trackers import flat_config, resolve_tracker, tracker_init_kwargs
 
 logger = logging.getLogger("mmpeft")
 BEST_WEIGHTS = "best_trainable.safetensors"
 
 
-def check_output_dir(cfg: Config) -> Path:
-    """Refuse to train over an earlier run's adapter unless resuming it or `train.overwrite` says so."""
-    out = Path(cfg.train.output_dir)
-    existing = [name for name in (MANIFEST, *ADAPTER_FILES) if (out / name).exists()]
-    if existing and not (cfg.train.overwrite or cfg.train.resume_from):
-        raise PathExistsError(f"{out} already holds a trained model ({', '.join(existing)}). Choose another "
-                              "`train.output_dir`, set `train.resume_from=latest` to continue it, or "
-                              "`train.overwrite=true` to replace it.")
-    return out
+@dataclass
+class Run:
+    """Everything a run holds between `setup`, `fit` and `finish`."""
+
+    cfg: Config
+    out: Path
+    accelerator: object
+    task: Task
+    backbone: object
+    data: object
+    model: nn.Module
+    loaders: dict
+    parameters: dict
+    state: LoopState
+    stopper: EarlyStopping
+    optimizer: object = None
+    scheduler: object = None
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    best_state: dict | None = None
+    before_training: dict = field(default_factory=dict)
+    stop_reason: str | None = None
+    window_finite: bool = False  # whether the current accumulation window has a finite loss yet
 
 
 def train(cfg: Config) -> dict:
     """Fine-tune, evaluate and save; returns the final metrics (also written to `<output_dir>/metrics.json`)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+    run = setup(cfg)
+    if cfg.train.evaluate_only:
+        run.stop_reason = "evaluate_only"
+    else:
+        fit(run)
+    return finish(run)
 
-    out = check_output_dir(cfg)
-    retrieval = cfg.task == "retrieval"
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with=_tracker(cfg.train.tracker),
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        # Each epoch's order is a function of (seed, epoch): a resumed run can skip to the exact next batch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
-    )
+
+def setup(cfg: Config) -> Run:
+    """Output folder, accelerator, backbone, data, model (through the task), optimizer and resumed state."""
+    from accelerate.utils import set_seed
+
+    tracker = resolve_tracker(cfg.train.tracker)  # a tracker that is not installed fails before anything is touched
+    out, removed = prepare_output_dir(cfg.train.output_dir, overwrite=cfg.train.overwrite,
+                                      resume=bool(cfg.train.resume_from), project=cfg.train.project)
+    task = get_task(cfg)
+    accelerator = _accelerator(cfg, out, tracker)
+    if removed:
+        accelerator.print(removed)
     set_seed(cfg.train.seed)
     with accelerator.main_process_first():  # one process builds caches (embedded backbone and data) first
         backbone = load_backbone(cfg.model.name, family=cfg.model.family, revision=cfg.model.revision,
                                  dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights,
                                  quantization=cfg.model.quantization)  # quantized while loading: lower peak
         data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed, task=cfg.task,
-                                 require_text=retrieval or cfg.head.reads_captions)
-    model = build_retrieval_model(backbone, cfg) if retrieval else build_classifier(backbone, cfg, data.label_names)
-    params = trainable_report(model, backbone.family)
-    accelerator.print(f"backbone {backbone.name} ({backbone.family.name}), "
-                      + ("task retrieval" if retrieval else f"labels {data.label_names}"))
+                                 require_text=task.needs_text())
+    model = task.build_model(backbone, data)
+    parameters = trainable_report(model, backbone.family)
+    accelerator.print(f"backbone {backbone.name} ({backbone.family.name}), {task.describe(data)}")
     accelerator.print("trainable parameters: " + ", ".join(
-        f"{part} {p['trainable']:,}/{p['total']:,}" for part, p in params.items()))
-
-    optimizer = build_optimizer(model, cfg.train)
-    train_loader = data.loaders["train"]
-    eval_loader, test_loader = data.loaders.get("eval"), data.loaders.get("test")
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.train.grad_accum)
-    total_steps = min(cfg.train.max_steps or math.inf, steps_per_epoch * cfg.train.epochs)
-    # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units.
-    per_step = accelerator.num_processes
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps) * per_step,
-                                                total_steps * per_step)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    eval_loader, test_loader = (accelerator.prepare(x) if x is not None else None for x in (eval_loader, test_loader))
-    accelerator.register_save_state_pre_hook(_save_trainable_only)  # frozen weights come from the backbone
-    zero_shot = {}
-    if retrieval:  # contrastive loss against every process's pairs; recall@k over a whole split
-        logit_scale = accelerator.unwrap_model(model).logit_scale
-
-        def step_loss(batch: dict) -> torch.Tensor:
-            image, text = model(**batch, embed=True)
-            return contrastive_loss_across_processes(image, text, logit_scale)
-
-        def evaluate_split(loader) -> dict:
-            return evaluate_retrieval(model, loader, accelerator)
-
-        report = format_retrieval_report
-        # Recall of the towers before any update (when resuming too: the saved state is loaded below).
-        for name, loader in (("eval", eval_loader), ("test", test_loader)):
-            if loader is not None:
-                zero_shot[name] = evaluate_split(loader)
-                accelerator.print(f"zero-shot {name} ({len(loader.dataset)} pairs)\n{report(zero_shot[name])}")
-    else:
-        weights = class_weights(data.class_counts, cfg.train.class_weights)
-        cross_entropy = nn.CrossEntropyLoss(weight=weights.to(accelerator.device) if weights is not None else None,
-                                            label_smoothing=cfg.train.label_smoothing)
-        eval_loss = nn.CrossEntropyLoss(weight=weights)  # on the gathered CPU logits
-
-        def step_loss(batch: dict) -> torch.Tensor:
-            return cross_entropy(model(**batch).float(), batch["labels"])
-
-        def evaluate_split(loader) -> dict:
-            return evaluate(model, loader, accelerator, data.label_names, eval_loss)
-
-        report = format_report
-    accelerator.init_trackers("mmpeft", config=_flat(cfg.to_dict()))
-
-    state, best_state = LoopState(settings=resume_settings(_flat(cfg.to_dict()))), None
+        f"{part} {p['trainable']:,}/{p['total']:,}" for part, p in parameters.items()))
+    run = Run(cfg=cfg, out=out, accelerator=accelerator, task=task, backbone=backbone, data=data, model=model,
+              loaders={}, parameters=parameters, state=LoopState(settings=resume_settings(flat_config(cfg.to_dict()))),
+              stopper=EarlyStopping(cfg.train.metric_for_best, cfg.train.early_stopping_patience))
+    _prepare(run)
+    run.before_training = task.before_training(run.model, run.loaders, accelerator)
+    accelerator.init_trackers(cfg.train.project, config=flat_config(cfg.to_dict()), init_kwargs=tracker_init_kwargs(cfg))
     if cfg.train.resume_from:
-        checkpoint = resolve_resume(out, cfg.train.resume_from)
-        saved = verify_checkpoint(checkpoint)  # hashes first: accelerate's states are pickles
-        check_same_settings(checkpoint, saved.settings, state.settings)
-        state = saved
-        accelerator.load_state(str(checkpoint), strict=False)
-        if (checkpoint / BEST_WEIGHTS).is_file():
-            best_state = load_file(checkpoint / BEST_WEIGHTS)
-        accelerator.print(f"resumed from {checkpoint}: step {state.step}, epoch {state.epoch}, "
-                          f"batch {state.batches_in_epoch}")
-    stopper = EarlyStopping(cfg.train.metric_for_best, cfg.train.early_stopping_patience,
-                            best=state.best, best_step=state.best_step, misses=state.misses)
+        _resume(run)
+    return run
 
-    def save_best() -> None:
-        if accelerator.is_main_process:
-            save_adapter(accelerator.unwrap_model(model), out, cfg, backbone_name=backbone.name,
-                         backbone_revision=backbone.revision, fingerprint=backbone.fingerprint)
 
-    def checkpoint() -> Path:
-        state.best, state.best_step, state.misses = stopper.best, stopper.best_step, stopper.misses
-        extra = {BEST_WEIGHTS: lambda path: save_file(best_state, path)} if best_state is not None else {}
-        try:
-            return save_checkpoint(accelerator, out, state, extra, keep=cfg.train.keep_checkpoints)
-        except OSError as err:
-            raise TrainingError(f"Could not save the checkpoint of step {state.step} into {out}: {err}. "
-                                "Earlier checkpoints are intact.") from err
+def _accelerator(cfg: Config, out: Path, tracker: str | None):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    eval_every = cfg.train.eval_every or steps_per_epoch
-    progress = tqdm(total=total_steps, initial=state.step,
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # Each epoch's order is a function of (seed, epoch): a resumed run can skip to the exact next batch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+    )
+
+
+def _prepare(run: Run) -> None:
+    """Optimizer and schedule (when training), then everything through `accelerator.prepare`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg, accelerator = run.cfg, run.accelerator
+    loaders = run.data.loaders
+    train_loader = loaders["train"]
+    if not cfg.train.evaluate_only:
+        run.optimizer = build_optimizer(run.model, cfg.train)
+        run.steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / cfg.train.grad_accum)
+        # `max_steps` set: exactly that many optimizer steps, over as many epochs as it takes (as in transformers).
+        run.total_steps = cfg.train.max_steps or run.steps_per_epoch * cfg.train.epochs
+        # accelerate steps a prepared scheduler once per process at each optimizer step: count in those units.
+        per_step = accelerator.num_processes
+        run.scheduler = get_cosine_schedule_with_warmup(
+            run.optimizer, int(cfg.train.warmup_ratio * run.total_steps) * per_step, run.total_steps * per_step)
+        run.model, run.optimizer, train_loader, run.scheduler = accelerator.prepare(
+            run.model, run.optimizer, train_loader, run.scheduler)
+    else:
+        run.model = accelerator.prepare(run.model)
+    run.loaders = {"train": train_loader, **{name: accelerator.prepare(loaders[name])
+                                             for name in ("eval", "test") if loaders.get(name) is not None}}
+    accelerator.register_save_state_pre_hook(_save_trainable_only)  # frozen weights come from the backbone
+    run.task.prepare(run.model, accelerator, run.data)
+
+
+def _resume(run: Run) -> None:
+    checkpoint = resolve_resume(run.out, run.cfg.train.resume_from)
+    saved = verify_checkpoint(checkpoint)  # hashes first: accelerate's states are pickles
+    check_same_settings(checkpoint, saved.settings, run.state.settings,
+                        defaults=resume_settings(flat_config(Config().to_dict())))
+    run.state = saved
+    run.stopper = EarlyStopping(run.cfg.train.metric_for_best, run.cfg.train.early_stopping_patience,
+                                best=saved.best, best_step=saved.best_step, misses=saved.misses)
+    _load_state_checked(run.accelerator, checkpoint, run.model)
+    if (checkpoint / BEST_WEIGHTS).is_file():
+        run.best_state = load_file(checkpoint / BEST_WEIGHTS)
+    run.accelerator.print(f"resumed from {checkpoint}: step {saved.step}, epoch {saved.epoch}, "
+                          f"batch {saved.batches_in_epoch}")
+
+
+def _load_state_checked(accelerator, checkpoint: Path, model: nn.Module) -> None:
+    """`accelerator.load_state(strict=False)` drops keys that do not match; refuse a checkpoint whose weights are
+    not exactly the model's trainable ones (a renamed module would otherwise resume nothing, silently)."""
+    from safetensors import safe_open
+
+    weights = checkpoint / "model.safetensors"
+    if weights.is_file():
+        with safe_open(weights, "pt") as f:
+            saved = set(f.keys())
+        trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        if saved != trainable:
+            missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
+            raise TrainingError(f"Checkpoint {checkpoint} does not fit this model: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}. It was written for another model layout; resume "
+                                "with the mmpeft version and config that wrote it, or start a new run.")
+    accelerator.load_state(str(checkpoint), strict=False)
+
+
+def fit(run: Run) -> None:
+    """Optimizer steps until `max_steps` (or `epochs`), early stopping or Ctrl-C; evaluations keep the best."""
+    from tqdm.auto import tqdm
+
+    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    loader = run.loaders["train"]
+    progress = tqdm(total=run.total_steps, initial=state.step,
                     disable=not (cfg.train.progress and accelerator.is_local_main_process))
     start = time.perf_counter() - state.train_seconds
-    model.train()
+    if state.step >= run.total_steps:  # resumed from the run's last checkpoint: nothing left to do
+        run.stop_reason = "max_steps" if cfg.train.max_steps else "epochs"
+    run.model.train()
     with stop_on_interrupt() as interrupt:
-        while state.epoch < cfg.train.epochs and state.step < total_steps and not stopper.should_stop:
-            train_loader.set_epoch(state.epoch)
-            train_loader.dataset.set_epoch(state.epoch)
-            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-            for batch in batches:
+        while run.stop_reason is None:
+            loader.set_epoch(state.epoch)
+            loader.dataset.set_epoch(state.epoch)
+            for batch in accelerator.skip_first_batches(loader, state.batches_in_epoch):
                 state.batches_in_epoch += 1
-                with accelerator.accumulate(model):
-                    try:
-                        loss = step_loss(batch)
-                        if not loss_is_finite(loss, accelerator):
-                            if not cfg.train.skip_nonfinite:
-                                raise TrainingError(
-                                    f"The loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch}, "
-                                    f"batch {state.batches_in_epoch}). Kept: the last checkpoint and best adapter "
-                                    f"in {out}. Lower the learning rate, or set `train.skip_nonfinite=true`.")
-                            state.skipped_nonfinite += 1
-                            optimizer.zero_grad(set_to_none=True)
-                            continue
-                        accelerator.backward(loss)
-                    except torch.OutOfMemoryError as err:
-                        raise TrainingError(out_of_memory_advice(cfg.data.batch_size, cfg.train.grad_accum)) from err
-                    if accelerator.sync_gradients and cfg.train.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.samples += len(batch["labels"]) * accelerator.num_processes
-                if not accelerator.sync_gradients:
+                loss = _train_step(run, batch)
+                if loss is None:  # inside a gradient-accumulation window, or a skipped window
                     continue
                 state.step += 1
                 progress.update(1)
-                if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                    state.train_seconds = time.perf_counter() - start
-                    accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                                     "train/samples_per_s": state.samples / state.train_seconds,
-                                     "train/peak_memory_gib": peak_memory_gib()}, step=state.step)
-                    progress.set_postfix(loss=f"{loss.item():.4f}")
-                if eval_loader is not None and (state.step % eval_every == 0 or state.step == total_steps):
-                    metrics = evaluate_split(eval_loader)
-                    accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)},
-                                    step=state.step)
-                    state.history.append({"step": state.step, "epoch": state.epoch, **_scalars(metrics)})
-                    shown = dict.fromkeys((cfg.train.metric_for_best, "recall_mean" if retrieval else "accuracy"))
-                    accelerator.print(f"step {state.step}: eval " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown))
-                    if stopper.improved(metrics[cfg.train.metric_for_best], state.step):
-                        best_state = trainable_state(accelerator.unwrap_model(model))
-                        save_best()
                 state.train_seconds = time.perf_counter() - start
-                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                    checkpoint()
-                if interrupt.requested:
-                    path = checkpoint()
-                    raise TrainingError(f"Interrupted at step {state.step}; the training state is saved in "
-                                        f"{path}. Continue with `train.resume_from=latest`.")
-                if state.step >= total_steps or stopper.should_stop:
+                _after_step(run, loss, progress, interrupt)
+                if run.stop_reason:
                     break
             else:  # the epoch ran to its end
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                if cfg.train.max_steps is None and state.epoch >= cfg.train.epochs:
+                    run.stop_reason = "epochs"
     progress.close()
     if cfg.train.checkpoint_every:
-        checkpoint()
+        _checkpoint(run)
 
-    unwrapped = accelerator.unwrap_model(model)
-    if best_state is not None:  # evaluate and keep the best checkpoint, not the last
-        unwrapped.load_state_dict(best_state, strict=False)
-    else:
-        save_best()
+
+def _train_step(run: Run, batch: dict) -> torch.Tensor | None:
+    """One micro-batch; the loss after an optimizer step, None inside an accumulation window.
+
+    A non-finite loss stops the run (naming the step) or, with `train.skip_nonfinite`, is left out of the window:
+    it contributes a zero gradient instead (so data-parallel processes still synchronise), and the rest of the
+    window still steps. A window with nothing finite in it makes no optimizer step.
+    """
+    cfg, state, accelerator, model = run.cfg, run.state, run.accelerator, run.model
+    stepped = False
+    with accelerator.accumulate(model):
+        try:
+            loss = run.task.loss(model, batch)
+            finite = loss_is_finite(loss, accelerator)
+            if not finite:
+                if not cfg.train.skip_nonfinite:
+                    raise TrainingError(
+                        f"The loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch}, batch "
+                        f"{state.batches_in_epoch}). {kept_in(run.out)} Lower the learning rate, or set "
+                        "`train.skip_nonfinite=true`.")
+                state.skipped_nonfinite += 1
+                loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+            run.window_finite = run.window_finite or finite
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                stepped = _optimizer_step(run) if run.window_finite else _skip_window(run)
+        except torch.OutOfMemoryError as err:
+            raise TrainingError(out_of_memory_advice(cfg.data.batch_size, cfg.train.grad_accum)) from err
+    state.samples += len(batch["labels"]) * accelerator.num_processes
+    if accelerator.sync_gradients:
+        run.window_finite = False
+    return loss.detach() if stepped else None
+
+
+def _optimizer_step(run: Run) -> bool:
+    if run.cfg.train.max_grad_norm:
+        run.accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+def _skip_window(run: Run) -> bool:
+    run.optimizer.zero_grad(set_to_none=True)
+    return False
+
+
+def _after_step(run: Run, loss: torch.Tensor, progress, interrupt) -> None:
+    """Log, evaluate (keeping the best), checkpoint and decide whether to stop, after optimizer step `state.step`."""
+    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    last = state.step >= run.total_steps
+    if state.step % cfg.train.log_every == 0 or last:
+        accelerator.log({"train/loss": loss.item(), "train/lr": run.scheduler.get_last_lr()[0],
+                         "train/samples_per_s": state.samples / state.train_seconds,
+                         "train/peak_memory_gib": peak_memory_gib()}, step=state.step)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    eval_every = cfg.train.eval_every or run.steps_per_epoch
+    if run.loaders.get("eval") is not None and (state.step % eval_every == 0 or last):
+        metrics = _evaluate(run, "eval")
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.step)
+        state.history.append({"step": state.step, "epoch": state.epoch, **_scalars(metrics)})
+        shown = dict.fromkeys((cfg.train.metric_for_best, run.task.shown_metric))
+        accelerator.print(f"step {state.step}: eval " + ", ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+        if run.stopper.improved(metrics[cfg.train.metric_for_best], state.step):
+            run.best_state = trainable_state(accelerator.unwrap_model(run.model))
+            _save_best(run)
+    if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+        _checkpoint(run)
+    if interrupt.requested:
+        path = _checkpoint(run)
+        outlive_launcher()
+        raise TrainingError(f"Interrupted at step {state.step}; the training state is saved in {path}.\n"
+                            f"Continue with: {_resume_command(cfg)}")
+    if last:
+        run.stop_reason = "max_steps" if cfg.train.max_steps else "epochs"
+    elif run.stopper.should_stop:
+        run.stop_reason = "early_stopping"
+
+
+def _evaluate(run: Run, split: str) -> dict:
+    try:
+        return run.task.evaluate(run.model, run.loaders[split], run.accelerator)
+    except torch.OutOfMemoryError as err:
+        batch = run.cfg.data.eval_batch_size or run.cfg.data.batch_size
+        raise TrainingError(f"Out of memory while evaluating the {split} split with a batch of {batch}. Set "
+                            f"`data.eval_batch_size={max(1, batch // 2)}`.") from err
+
+
+def _save_best(run: Run) -> None:
+    if run.accelerator.is_main_process:
+        backbone = run.backbone
+        save_adapter(run.accelerator.unwrap_model(run.model), run.out, run.cfg, backbone_name=backbone.name,
+                     backbone_revision=backbone.revision, fingerprint=backbone.fingerprint)
+
+
+def _checkpoint(run: Run) -> Path:
+    state, stopper = run.state, run.stopper
+    state.best, state.best_step, state.misses = stopper.best, stopper.best_step, stopper.misses
+    extra = {BEST_WEIGHTS: lambda path: save_file(run.best_state, path)} if run.best_state is not None else {}
+    try:
+        return save_checkpoint(run.accelerator, run.out, state, extra, keep=run.cfg.train.keep_checkpoints)
+    except OSError as err:
+        raise TrainingError(f"Could not save the checkpoint of step {state.step} into {run.out}: {err}. "
+                            "Earlier checkpoints are intact.") from err
+
+
+def finish(run: Run) -> dict:
+    """Keep the best step (not the last), evaluate eval and test, write metrics.json, log and summarise."""
+    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    unwrapped = accelerator.unwrap_model(run.model)
+    if run.best_state is not None:  # evaluate and keep the best checkpoint, not the last
+        unwrapped.load_state_dict(run.best_state, strict=False)
+    elif not cfg.train.evaluate_only:  # an evaluate-only run writes its metrics, no adapter: nothing was trained
+        _save_best(run)
     results = {
-        "best_step": stopper.best_step if best_state is not None else state.step,
+        "best_step": run.stopper.best_step if run.best_state is not None else state.step,
         "steps": state.step,
+        "stop_reason": run.stop_reason,
         "skipped_nonfinite_batches": state.skipped_nonfinite,
         "train_seconds": state.train_seconds,
         "train_samples_per_s": state.samples / state.train_seconds if state.train_seconds else 0.0,
         "peak_memory_gib": peak_memory_gib(),
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": accelerator.num_processes,
-        "trainable_parameters": params,
-        "data": data.report,
+        "trainable_parameters": run.parameters,
+        "data": run.data.report,
         "history": state.history,
-        **{f"zero_shot_{name}": metrics for name, metrics in zero_shot.items()},
+        **run.before_training,
     }
-    for name, loader in (("eval", eval_loader), ("test", test_loader)):
-        if loader is not None:
-            results[name] = evaluate_split(loader)
-            accelerator.print(f"\n{name} ({len(loader.dataset)} examples)\n{report(results[name])}")
+    for name in ("eval", "test"):
+        if run.loaders.get(name) is not None:
+            results[name] = _evaluate(run, name)
+            accelerator.print(f"\n{name} ({len(run.loaders[name].dataset)} examples)\n{run.task.report(results[name])}")
+            accelerator.log({f"final_{name}/{k}": v for k, v in results[name].items() if isinstance(v, float)},
+                            step=state.step)
     if accelerator.is_main_process:
-        (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "metrics.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    accelerator.print(run_summary(cfg, run.out, results, run.stopper))
     return results
+
+
+def _resume_command(cfg: Config) -> str:
+    """The command line that continues this run: the one that started it, plus `train.resume_from=latest`."""
+    import shlex
+    import sys
+
+    argv = [a for a in sys.argv[1:] if not a.startswith("train.resume_from=")]
+    if Path(sys.argv[0]).name in ("mmpeft", "cli.py"):
+        program = "mmpeft"
+    else:
+        program = f"{'accelerate launch' if launched_by_accelerate() else 'python'} {sys.argv[0]}"
+    return shlex.join([*program.split(), *argv, "train.resume_from=latest"])
 
 
 def _save_trainable_only(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
@@ -274,26 +391,5 @@ def _save_trainable_only(models: list[nn.Module], weights: list[dict], output_di
         weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
 
 
-def _tracker(choice: str | None):
-    if choice != "auto":
-        return choice
-    from accelerate.utils import is_tensorboard_available
-
-    return "tensorboard" if is_tensorboard_available() else None
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """Nested config as flat scalar hyper-parameters, as trackers want them."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat(value, name + "."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
 def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-

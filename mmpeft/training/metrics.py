@@ -7,6 +7,7 @@ arithmetic; computing it here keeps evaluation offline and exact (tests cross-ch
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -59,4 +60,47 @@ def format_report(metrics: dict) -> str:
         lines.append(f"{avg + ' avg':>{width}}  {metrics[f'{avg}_precision']:9.4f}  {metrics[f'{avg}_recall']:6.4f}  "
                      f"{metrics[f'{avg}_f1']:6.4f}  {metrics['num_samples']:7d}")
     lines.append(f"{'accuracy':>{width}}  {metrics['accuracy']:9.4f}")
+    return "\n".join(lines)
+
+
+RECALL_AT = (1, 5, 10)
+
+
+def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, *, logit_scale: float,
+                      ks: tuple[int, ...] = RECALL_AT, chunk: int = 1024) -> dict:
+    """Recall@k both ways and the split's contrastive loss, from normalised embeddings paired row by row.
+
+    A query's hit is its own pair only: another caption identical to the paired one (duplicate captions) is a
+    different candidate, and ties count against the pair (a candidate scoring equal to the paired one ranks
+    above it), so a collapsed model that embeds everything alike scores 0, not 1. Rows of the (N, N)
+    similarity are computed `chunk` at a time.
+    """
+    n = len(image)
+    metrics, losses = {}, []
+    for direction, queries, keys in (("i2t", image, text), ("t2i", text, image)):
+        ranks = []
+        for start in range(0, n, chunk):
+            sim = queries[start:start + chunk].float() @ keys.float().t()  # (c, N)
+            rows = torch.arange(len(sim))
+            paired = sim[rows, rows + start]
+            ahead = sim >= paired[:, None]
+            ahead[rows, rows + start] = False
+            ranks.append(ahead.sum(1))  # 0 = the pair comes first
+            losses.append(torch.logsumexp(logit_scale * sim, dim=1) - logit_scale * paired)
+        rank = torch.cat(ranks)
+        for k in ks:
+            metrics[f"{direction}_recall@{k}"] = float((rank < k).float().mean())
+    metrics["recall_mean"] = sum(metrics.values()) / len(metrics)
+    metrics["loss"] = float(torch.cat(losses).mean())  # = contrastive_loss over the whole split
+    metrics["num_samples"] = n
+    return metrics
+
+
+def format_retrieval_report(metrics: dict, ks: tuple[int, ...] = RECALL_AT) -> str:
+    """Recall@k as a small table: one row per direction, then the mean and the loss."""
+    lines = [f"{'':>12}" + "".join(f"{f'R@{k}':>8}" for k in ks)]
+    for direction, name in (("i2t", "image->text"), ("t2i", "text->image")):
+        lines.append(f"{name:>12}" + "".join(f"{metrics[f'{direction}_recall@{k}']:8.4f}" for k in ks))
+    lines.append(f"{'mean recall':>12}{metrics['recall_mean']:8.4f}   (loss {metrics['loss']:.4f}, "
+                 f"{metrics['num_samples']} pairs)")
     return "\n".join(lines)
