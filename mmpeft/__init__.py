@@ -14,6 +14,7 @@ from .config import (
 )
 from .data import DataError, read_split
 from .data.loaders import build_dataloaders
+from .export.inference import Predictions, predict
 from .models.adapters import attach_adapters, build_lora_config, lora_module_names, tower_targets, trainable_report
 from .models.classifier import FusionClassifier, build_classifier
 from .models.heads import build_head
@@ -37,6 +38,7 @@ __all__ = [
     "HeadConfig",
     "LoraSettings",
     "ModelConfig",
+    "Predictions",
     "QuantConfig",
     "RetrievalModel",
     "TowerConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "load_config",
     "load_retrieval_model",
     "lora_module_names",
+    "predict",
     "predict_logits",
     "read_split",
     "save_adapter",

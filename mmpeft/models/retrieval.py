@@ -49,17 +49,20 @@ class RetrievalModel(DualTowers):
         return self.logit_scale * image @ text.t()
 
 
-def build_retrieval_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
-    """Attach adapters to the backbone as the tower modes ask (the classifier's code path); `cfg.head` is unused."""
+def build_retrieval_model(backbone: Backbone, cfg: Config, lora_config=None) -> RetrievalModel:
+    """Attach adapters to the backbone as the tower modes ask (the classifier's code path); `cfg.head` is unused.
+    `lora_config`: a saved adapter's own peft config (see `attach_adapters`)."""
     dims = backbone.embed_dims
     if dims["text"] != dims["vision"]:
         raise ConfigError(f"`task=retrieval` compares text and image embeddings, but {backbone.name!r} embeds text in "
                          f"{dims['text']} and images in {dims['vision']} dimensions: use a backbone with a shared "
                          "embedding space (CLIP, SigLIP, BLIP, open_clip).")
-    peft_model, tower_modes = prepare_towers(backbone, cfg.model)
+    peft_model, tower_modes = prepare_towers(backbone, cfg.model, lora_config)
     scale = getattr(backbone.model, "logit_scale", None)
     logit_scale = float(scale.detach().float().exp()) if scale is not None else DEFAULT_LOGIT_SCALE
-    return RetrievalModel(peft_model, backbone.family, tower_modes, logit_scale)
+    model = RetrievalModel(peft_model, backbone.family, tower_modes, logit_scale)
+    model.source, model.config = backbone, cfg
+    return model
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
