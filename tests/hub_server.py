@@ -70,6 +70,13 @@ class FakeHub:
         self.repos[repo_id]["branches"].setdefault(branch, []).append(digest)
         return digest
 
+    def seed(self, repo_id: str, folder: Path) -> str:
+        """Store a local folder as a repo's first commit (e.g. a tiny base model that adapters name)."""
+        with self.lock:
+            self.repos[repo_id] = {"private": False, "branches": {}}
+            files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+            return self.add_commit(repo_id, "main", files, None)
+
     def resolve(self, repo_id: str, revision: str) -> str | None:
         revision = unquote(revision)
         branches = self.repos[repo_id]["branches"]

@@ -41,6 +41,7 @@ def download_run(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -51,6 +52,10 @@ def download_run(repo_id: str, revision: str | None) -> Path:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=RUN_PATTERNS))
     except RevisionNotFoundError:
         raise HubError(f"{at}: the repo has no such revision; pass a branch, tag or commit it has.") from None
+    except IncompleteSnapshotError as err:  # offline, and the cached snapshot lacks files: name ours
+        folder = check_downloaded(Path(err.snapshot_path), f"{at} (offline)")
+        raise HubError(f"{at}: the Hub cannot be reached and the cached snapshot {folder} is incomplete "
+                       f"({str(err).split(': ', 1)[-1].split('.')[0]}); download it again online.") from None
     except (RepositoryNotFoundError, GatedRepoError):
         raise HubError(f"{repo_id}: no such repo, or it is private and your token cannot read it (set HF_TOKEN or "
                        "run `hf auth login`); check the id.") from None
