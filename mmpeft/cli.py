@@ -147,7 +147,7 @@ def _push(args: argparse.Namespace) -> int:
 def _card(args: argparse.Namespace) -> int:
     from .export.card import write_card
 
-    path = write_card(args.out_dir, base_model_id=args.base_model_id, repo_id=args.repo_id)
+    path = write_card(args.out_dir, base_model_id=args.base_model_id, repo_id=args.repo_id, overwrite=args.overwrite)
     print(f"model card written to {path}")
     return 0
 
@@ -296,6 +296,7 @@ def _add_card(sub) -> None:
     p.add_argument("out_dir", help="output folder of a training run")
     p.add_argument("--base-model-id", help="Hub id of the backbone (required for a local path or short name)")
     p.add_argument("--repo-id", help="the repo the card is for (used in its usage examples)")
+    p.add_argument("--overwrite", action="store_true", help="replace a README.md that neither mmpeft nor peft wrote")
     p.set_defaults(func=_card)
 
 

@@ -17,34 +17,19 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_manifest
+from conftest import cat_dog_rows, train_quick_run
 from hub_server import FakeHub
-from mmpeft import load_adapter, load_config, train
+from mmpeft import load_adapter
 
 TOKEN = "hf_TESTtoken_do_not_leak_123"
 BASE_ID = "alice/tiny-clip-base"
-FAST = ["train.mixed_precision=no", "train.progress=false", "train.tracker=null", "data.num_workers=0",
-        "data.batch_size=8", "train.warmup_ratio=0", "train.lr_lora=5e-3", "train.lr_head=1e-2", "head.hidden=16"]
 EXPECTED = {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", "config.yaml",
             "head.safetensors", "metrics.json", "mmpeft.json"}
 
 
-def rows() -> list[dict]:
-    out = []
-    for i in range(16):
-        label = ("cat", "dog")[i % 2]
-        color = (220, 40 + 10 * i, 30) if label == "cat" else (30, 40 + 10 * i, 220)
-        out.append({"text": f"a photo of a {label} number {i}", "label": label, "color": color})
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(tiny_paths, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("hub-run")
-    data = write_manifest(root / "data", rows())
-    out = root / "run"
-    train(load_config(None, [f"model.name={tiny_paths['clip']}", f"train.output_dir={out}", f"data.train={data}",
-                             f"data.eval={data}", f"data.test={data}", "train.max_steps=2", *FAST]))
+    out, data = train_quick_run(tiny_paths["clip"], tmp_path_factory.mktemp("hub-run"), cat_dog_rows())
     return {"out": out, "data": data, "base": tiny_paths["clip"]}
 
 
@@ -121,7 +106,7 @@ def test_push_is_one_commit_with_the_run_and_a_valid_card(hub, tmp_path, run):
 def test_load_from_repo_id_reproduces_the_local_model(hub, tmp_path, run):
     assert push(hub, tmp_path, run).returncode == 0
     images = [run["data"].parent / f"img_train_{i}.png" for i in range(4)]
-    texts = [r["text"] for r in rows()[:4]]
+    texts = [r["text"] for r in cat_dog_rows(4)]
     script = textwrap.dedent(f"""
         import sys, torch, mmpeft
         from mmpeft.export.inference import encode_batch

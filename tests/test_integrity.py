@@ -11,34 +11,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_manifest
-from mmpeft import (Predictions, build_classifier, load_adapter, load_backbone, load_config, predict,
-                    train)
+from conftest import cat_dog_rows, train_quick_run, write_manifest
+from mmpeft import Predictions, build_classifier, load_adapter, load_backbone, load_config, predict
 from mmpeft.cli import main
 from mmpeft.errors import AdapterError
 from mmpeft.export.hub import HubConfig
 from mmpeft.models.adapters import lora_module_names
 from mmpeft.models.integrity import sha256_of
 
-FAST = ["train.mixed_precision=no", "train.progress=false", "train.tracker=null", "data.num_workers=0",
-        "data.batch_size=8", "train.warmup_ratio=0", "train.lr_lora=5e-3", "train.lr_head=1e-2", "head.hidden=16"]
 FIXTURE = Path(__file__).parent / "fixtures" / "run-v0.1.0"
-
-
-def rows(n: int = 8) -> list[dict]:
-    return [{"text": f"a photo of a {('cat', 'dog')[i % 2]} number {i}", "label": ("cat", "dog")[i % 2],
-             "color": (220, 40 + 10 * i, 30) if i % 2 == 0 else (30, 40 + 10 * i, 220)} for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def run(tiny_paths, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("integrity")
-    data = write_manifest(root / "data", rows())
-    out = root / "run"
-    train(load_config(None, [f"model.name={tiny_paths['clip']}", f"train.output_dir={out}", f"data.train={data}",
-                             f"data.eval={data}", f"data.test={data}", "train.max_steps=2", *FAST]))
+    out, data = train_quick_run(tiny_paths["clip"], tmp_path_factory.mktemp("integrity"), cat_dog_rows(8))
     images = [str(data.parent / f"img_train_{i}.png") for i in range(4)]
-    texts = [r["text"] for r in rows()[:4]]
+    texts = [r["text"] for r in cat_dog_rows(4)]
     return {"out": out, "data": data, "images": images, "texts": texts,
             "probs": predict(load_adapter(out), images, texts).probabilities}
 
@@ -149,7 +137,7 @@ def test_batch_predict_writes_one_line_per_row(run, tmp_path, capsys):
 
 
 def test_batch_predict_reports_bad_rows_like_training(run, tmp_path, capsys):
-    data = write_manifest(tmp_path / "d", rows(4), name="posts.jsonl")
+    data = write_manifest(tmp_path / "d", cat_dog_rows(4), name="posts.jsonl")
     (tmp_path / "d" / "img_posts_2.png").write_bytes(b"not a png")
     out = tmp_path / "p.jsonl"
     args = ["predict", "--adapter", str(run["out"]), "--data", str(data), "--output", str(out), "--num-workers", "0"]
@@ -187,3 +175,45 @@ def test_hub_config_problems_name_their_keys():
     assert any("`hub.private`" in p for p in problems)
     assert any("`hub.base_model_id`" in p for p in problems)
     assert any("`hub.repo_id`" in p for p in HubConfig(repo_id="no-slash").problems())
+
+
+def test_run_from_a_comparison_records_it_and_the_card_shows_it(run, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from mmpeft import save_adapter
+    from mmpeft.export.card import build_card
+    from mmpeft.export.hub import upload_plan
+
+    compare = tmp_path / "compare"
+    compare.mkdir()
+    (compare / "results.md").write_text("| config | test macro-F1 |\n|---|---:|\n| lora-both | 0.91 |\n")
+    Image.new("RGB", (8, 8)).save(compare / "macro_f1.png")
+    monkeypatch.setenv("MMPEFT_COMPARISON", json.dumps({"config": "lora-both", "shots": None, "seed": 0,
+                                                        "folder": str(compare)}))
+    model = load_adapter(run["out"])
+    record = json.loads((run["out"] / "mmpeft.json").read_text())
+    out = save_adapter(model, tmp_path / "saved", model.config, backbone_name=record["backbone"]["name"],
+                       backbone_revision=None, fingerprint=record["backbone"]["fingerprint"])
+    shutil.copy(run["out"] / "metrics.json", out / "metrics.json")
+    saved = json.loads((out / "mmpeft.json").read_text())
+    assert saved["comparison"]["config"] == "lora-both" and saved["comparison"]["folder"] == str(compare)
+    card = str(build_card(out, base_model_id="alice/base"))
+    assert "| lora-both | 0.91 |" in card and "](comparison/macro_f1.png)" in card
+    plan = upload_plan(out, saved, base_model_id="alice/base", base_revision=None, repo_id="alice/x",
+                       include_checkpoints=False, include_logs=False)
+    assert plan["comparison/macro_f1.png"] == compare / "macro_f1.png"
+    assert str(compare) not in plan["mmpeft.json"].decode()  # the uploaded record keeps no local path
+
+
+def test_card_replaces_peft_template_but_not_a_users_readme(tmp_path, capsys):
+    folder = Path(shutil.copytree(FIXTURE, tmp_path / "old"))
+    assert "[More Information Needed]" in (folder / "README.md").read_text()  # peft's template, from v0.1.0
+    args = ["card", str(folder), "--base-model-id", "alice/tiny-clip"]
+    assert main(args) == 0
+    card = (folder / "README.md").read_text()
+    assert "More Information Needed" not in card and "base_model_relation: adapter" in card
+    assert main(args) == 0  # refreshing our own card
+    (folder / "README.md").write_text("# my notes\n")
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (folder / "README.md").read_text() == "# my notes\n"
+    assert main([*args, "--overwrite"]) == 0

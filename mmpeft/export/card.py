@@ -22,6 +22,7 @@ TASKS = {"classification": ("image-text-classification", "Image + text classific
 CLASSIFICATION_METRICS = (("accuracy", "accuracy", "Accuracy", None), ("macro_f1", "f1", "Macro F1", "macro"),
                           ("weighted_f1", "f1", "Weighted F1", "weighted"))
 DATASET_TYPES = {".jsonl": "json", ".csv": "csv"}
+STOCK_FAMILIES = ("clip", "siglip", "blip")  # transformers models: stock peft + AutoModel load them
 
 
 def hub_base_id(record: dict) -> str | None:
@@ -83,6 +84,9 @@ def _usage(record: dict, repo: str, base_model_id: str) -> str:
                   "```", "", "```bash", f'mmpeft predict --adapter {repo} --image cat.jpg --text "what a day"',
                   f"mmpeft predict --adapter {repo} --data posts.jsonl --output predictions.jsonl",
                   f"mmpeft eval --adapter {repo} --data test.jsonl"]
+    if record["backbone"]["family"] not in STOCK_FAMILIES:
+        return "\n".join([*lines, "```", "", f"The `{record['backbone']['family']}` backbone is not a transformers "
+                          "model: load it with mmpeft.", ""])
     lines += ["```", "", "With stock peft + transformers (the backbone with the adapter; the fusion head and label map "
               "are mmpeft's, in `head.safetensors` and `mmpeft.json`):", "", "```python",
               "from peft import PeftModel", "from transformers import AutoModel", "",
@@ -97,7 +101,8 @@ def _training(record: dict, metrics: dict) -> str:
     cfg, hardware = record["config"], record.get("hardware") or {}
     towers = ", ".join(f"{tower} `{mode}`" for tower, mode in record["tower_modes"].items())
     lora = {t: cfg["model"][t]["lora"] for t in record["tower_modes"] if record["tower_modes"][t] == "lora"}
-    device = hardware.get("accelerator") or f"CPU ({hardware.get('cpu') or 'unknown'}, {hardware.get('cpu_count')} cores)"
+    device = hardware.get("accelerator") or (f"CPU ({hardware.get('cpu')}, {hardware.get('cpu_count')} cores)"
+                                             if hardware else "hardware not recorded (saved by an older mmpeft)")
     lines = ["## Training", "", f"- Towers: {towers}; head `{cfg['head']['type']}` ({cfg['head']['mode']})",
              *(f"- LoRA on the {t} tower: r={s['r']}, alpha={s['alpha']}, dropout={s['dropout']}" for t, s in lora.items()),
              f"- Optimizer {cfg['train']['optimizer']}, learning rates LoRA {cfg['train']['lr_lora']}, head "
@@ -132,14 +137,22 @@ def _evaluation(record: dict, metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_charts(record: dict) -> list[Path]:
+    """The charts of the `mmpeft compare` run this run belongs to (uploaded as `comparison/<name>`)."""
+    folder = Path((record.get("comparison") or {}).get("folder") or "")
+    return sorted(folder.glob("*.png")) if record.get("comparison") and folder.is_dir() else []
+
+
 def _comparison(record: dict) -> str:
     origin = record.get("comparison")
     if not origin:
         return ""
-    table = Path(origin.get("results_md", ""))
-    body = table.read_text() if table.is_file() else f"(results in {table.name}; not found when this card was built)"
+    table = Path(origin.get("folder") or "") / "results.md"
+    body = table.read_text() if table.is_file() else "(the comparison's results.md was not found when this card " \
+                                                     "was built)"
+    charts = "".join(f"\n![{p.stem}](comparison/{p.name})\n" for p in comparison_charts(record))
     return (f"## Comparison\n\nThis run is configuration `{origin.get('config')}` of an `mmpeft compare` run; "
-            f"all of its configurations:\n\n{body}\n")
+            f"all of its configurations:\n\n{body}\n{charts}")
 
 
 def _limitations(record: dict) -> str:
@@ -176,8 +189,18 @@ def build_card(out_dir: str | Path, *, base_model_id: str | None = None, repo_id
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def write_card(out_dir: str | Path, **kwargs) -> Path:
-    """Write (or refresh) `<out_dir>/README.md`: the card `mmpeft push` uploads."""
+def write_card(out_dir: str | Path, *, overwrite: bool = False, **kwargs) -> Path:
+    """Write (or refresh) `<out_dir>/README.md`: the card `mmpeft push` uploads. An earlier mmpeft card or peft's
+    template card is replaced; any other README.md (one you wrote) only with `overwrite=True`."""
+    from ..errors import PathExistsError
+
     path = Path(out_dir) / "README.md"
-    path.write_text(str(build_card(out_dir, **kwargs)), encoding="utf-8")
+    card = str(build_card(out_dir, **kwargs))
+    if path.is_file() and not overwrite:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        ours = "- mmpeft\n" in text.split("\n---", 1)[0] or "[More Information Needed]" in text
+        if not ours:
+            raise PathExistsError(f"{path} exists and is not a model card mmpeft or peft wrote; move it away, or "
+                                  "pass --overwrite to replace it.")
+    path.write_text(card, encoding="utf-8")
     return path

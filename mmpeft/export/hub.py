@@ -20,7 +20,7 @@ from ..errors import HubError
 from ..models.integrity import verify_weight_hashes
 from ..models.remote import REPO_ID
 from ..models.saving import ADAPTER_FILES, HEAD_WEIGHTS, MANIFEST, read_manifest
-from .card import build_card, hub_base_id
+from .card import build_card, comparison_charts, hub_base_id
 
 CHART_SUFFIXES = (".png", ".svg")
 LOG_FILES = ("log.txt",)
@@ -78,7 +78,7 @@ def public_record(record: dict, base_model_id: str, base_revision: str | None) -
             config["data"][split] = Path(config["data"][split]).name
     config["train"].update(output_dir=None, resume_from=None)
     if record.get("comparison"):
-        record["comparison"] = {"config": record["comparison"].get("config")}
+        record["comparison"].pop("folder", None)
     return record
 
 
@@ -103,6 +103,8 @@ def upload_plan(out_dir: Path, record: dict, *, base_model_id: str, base_revisio
             plan[name] = out_dir / name
     for chart in sorted(p for p in out_dir.iterdir() if p.suffix in CHART_SUFFIXES and p.is_file()):
         plan[chart.name] = chart
+    for chart in comparison_charts(record):
+        plan[f"comparison/{chart.name}"] = chart
     extra = []
     if include_checkpoints:
         extra += sorted((out_dir / "checkpoints").rglob("*"))

@@ -29,8 +29,7 @@ def locate_run(location: str | Path, revision: str | None = None) -> Path:
                                    "drop --revision, or pass a repo id (owner/name).")
         return Path(location).expanduser()
     if not is_repo_id(location):
-        raise MissingPathError(f"{location} is neither an existing folder nor a Hub repo id (owner/name). Pass the "
-                               "folder a training run wrote (its `train.output_dir`) or the repo it was pushed to.")
+        return Path(location)  # a missing folder: reading its run record says so
     return download_run(location, revision)
 
 

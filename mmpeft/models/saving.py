@@ -114,7 +114,8 @@ def read_manifest(out_dir: str | Path) -> dict:
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise MissingPathError(f"{out_dir} is not an mmpeft output folder: {MANIFEST} is missing. "
-                                "Pass the folder a training run wrote (its `train.output_dir`).")
+                                "Pass the folder a training run wrote (its `train.output_dir`), or the Hub repo id "
+                                "(owner/name) it was pushed to.")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -181,6 +182,7 @@ def saved_lora_config(out_dir: Path):
     except (ValueError, TypeError, OSError) as err:
         raise AdapterError(f"{out_dir / 'adapter_config.json'} cannot be read as a peft LoRA config ({err}).") from None
     config.inference_mode = False  # trainability is set below, as `is_trainable` asks
+    config.base_model_name_or_path = None  # the backbone is the one loaded (fingerprint checked), wherever it is
     return config
 
 
