@@ -14,13 +14,13 @@ from .config import (
 )
 from .data import DataError, read_split
 from .data.loaders import build_dataloaders
+from .export.inference import Predictions, predict
 from .models.adapters import attach_adapters, build_lora_config, lora_module_names, tower_targets, trainable_report
 from .models.classifier import FusionClassifier, build_classifier
 from .models.heads import build_head
 from .models.retrieval import RetrievalModel, build_retrieval_model, contrastive_loss
-from .training.evaluation import evaluate_retrieval
 from .models.saving import load_adapter, load_retrieval_model, save_adapter
-from .training.evaluation import evaluate, predict_logits
+from .training.evaluation import evaluate, evaluate_retrieval, predict_logits
 from .training.loop import train
 from .training.metrics import classification_metrics
 from .world import write_sentiment
@@ -38,6 +38,7 @@ __all__ = [
     "HeadConfig",
     "LoraSettings",
     "ModelConfig",
+    "Predictions",
     "QuantConfig",
     "RetrievalModel",
     "TowerConfig",
@@ -59,6 +60,7 @@ __all__ = [
     "load_config",
     "load_retrieval_model",
     "lora_module_names",
+    "predict",
     "predict_logits",
     "read_split",
     "save_adapter",

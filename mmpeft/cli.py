@@ -40,10 +40,62 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .export.hub import push_after_training
     from .training.loop import train
 
-    train(config_from_args(args))
+    cfg = config_from_args(args)
+    train(cfg)
+    push_after_training(cfg)
     return 0
+
+
+COLUMN_OPTIONS = {"image": "--image-column", "text": "--text-column", "label": "--label-column"}
+
+
+def _load_run(args: argparse.Namespace):
+    """The saved model `--adapter` names (a run folder, or a Hub repo id at `--revision`) and whether it is a
+    retrieval model."""
+    from .models.remote import locate_run
+    from .models.saving import load_adapter, load_retrieval_model, read_manifest
+
+    folder = locate_run(args.adapter, args.revision)
+    retrieval = read_manifest(folder)["config"].get("task") == "retrieval"
+    load = load_retrieval_model if retrieval else load_adapter
+    model = load(folder, base=args.base, trust_pickle_weights=args.trust_pickle_weights,
+                 verify_hashes=not args.no_verify)
+    data_cfg = model.config.data
+    for role in COLUMN_OPTIONS:  # the manifest's column names, when they differ from training's
+        value = getattr(args, f"{role}_column")
+        if value:
+            setattr(data_cfg, f"{role}_column", value)
+    data_cfg.batch_size = args.batch_size or data_cfg.eval_batch_size or data_cfg.batch_size
+    data_cfg.num_workers = args.num_workers
+    return model, retrieval
+
+
+def _read_data(args: argparse.Namespace, model, *, labels: bool, label_names, retrieval: bool = False):
+    from .data.manifest import read_split
+
+    data_cfg = model.config.data
+    split = read_split(args.data, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
+                       label_column=data_cfg.label_column, require_labels=labels, label_names=label_names,
+                       check_images=data_cfg.check_images, skip_bad_rows=args.skip_bad_rows,
+                       allow_outside_root=data_cfg.allow_outside_root,
+                       require_text=retrieval or model.config.head.reads_captions, column_options=COLUMN_OPTIONS)
+    for row, reason in split.skipped:
+        print(f"skipped {args.data} row {row}: {reason}", file=sys.stderr)
+    return split
+
+
+def _eval_output(args: argparse.Namespace) -> Path:
+    """Beside a local adapter; in the working folder for a repo id (the Hub cache is not the user's)."""
+    from .models.remote import is_repo_id
+
+    if args.output:
+        return Path(args.output)
+    if is_repo_id(args.adapter):
+        return Path(f"eval-{args.adapter.replace('/', '--')}-{Path(args.data).stem}.json")
+    return Path(args.adapter) / f"eval-{Path(args.data).stem}.json"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -51,24 +103,13 @@ def _eval(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from .data.loaders import make_loader
-    from .data.manifest import read_split
-    from .models.saving import load_adapter, load_retrieval_model, read_manifest
     from .training.evaluation import evaluate, evaluate_retrieval
     from .training.metrics import format_report, format_retrieval_report
 
-    retrieval = read_manifest(args.adapter)["config"].get("task") == "retrieval"
-    load = load_retrieval_model if retrieval else load_adapter
-    model = load(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
-    data_cfg = model.config.data
-    data_cfg.batch_size = args.batch_size or data_cfg.eval_batch_size or data_cfg.batch_size
-    data_cfg.num_workers = args.num_workers
+    model, retrieval = _load_run(args)
     label_names = None if retrieval else model.label_names
-    split = read_split(args.data, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
-                       label_column=data_cfg.label_column, require_labels=not retrieval, label_names=label_names,
-                       check_images=data_cfg.check_images, skip_bad_rows=args.skip_bad_rows,
-                       allow_outside_root=data_cfg.allow_outside_root,
-                       require_text=retrieval or model.config.head.reads_captions)
-    loader, _ = make_loader(split, label_names, model.source, data_cfg, train=False)
+    split = _read_data(args, model, labels=not retrieval, label_names=label_names, retrieval=retrieval)
+    loader, _ = make_loader(split, label_names, model.source, model.config.data, train=False)
     accelerator = Accelerator()
     model, loader = accelerator.prepare(model, loader)
     if retrieval:
@@ -76,7 +117,7 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         metrics, report = evaluate(model, loader, accelerator, label_names), format_report
     metrics["data"] = {"manifest": args.data, "skipped_rows": [{"row": r, "reason": w} for r, w in split.skipped]}
-    out = Path(args.output or Path(args.adapter) / f"eval-{Path(args.data).stem}.json")
+    out = _eval_output(args)
     if accelerator.is_main_process:
         out.write_text(json.dumps(metrics, indent=2))
         print(report(metrics))
@@ -86,16 +127,44 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .export.inference import predict
-    from .models.saving import load_adapter
+    from .export.inference import predict, predict_manifest
 
-    model = load_adapter(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
+    if (args.image is None) == (args.data is None):
+        raise ConfigError("mmpeft predict needs one of --image (one example) or --data MANIFEST --output FILE.jsonl.")
+    if args.data is not None and not args.output:
+        raise ConfigError("--data needs --output FILE.jsonl: where the predictions go, one line per row.")
+    model, retrieval = _load_run(args)
+    if retrieval:
+        raise ConfigError(f"{args.adapter} is a retrieval model: it ranks captions, it has no classes to predict; "
+                          "score it with `mmpeft eval`.")
+    if args.data is not None:
+        split = _read_data(args, model, labels=False, label_names=None)
+        count = predict_manifest(model, split, args.output, overwrite=args.overwrite)
+        print(f"{count} predictions written to {args.output}"
+              + (f" ({len(split.skipped)} bad rows skipped)" if split.skipped else ""))
+        return 0
     if args.text is None and model.config.head.reads_captions:
         raise ConfigError(f"--text is required: the `{model.config.head.type}` head of {args.adapter} reads a caption "
                          "with each image.")
-    probs = predict(model, [args.image], [args.text or ""])[0]
-    ranked = sorted(zip(model.label_names, probs.tolist()), key=lambda x: -x[1])
-    print(json.dumps({"label": ranked[0][0], "probabilities": dict(ranked)}, indent=2))
+    print(json.dumps(predict(model, [args.image], [args.text or ""])[0], indent=2))
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .export.hub import push
+
+    url = push(args.out_dir, args.repo_id, private=args.private or None, revision=args.revision,
+               base_model_id=args.base_model_id, include_checkpoints=args.include_checkpoints,
+               include_logs=args.include_logs)
+    print(f"pushed {args.out_dir} to {args.repo_id}: {url}")
+    return 0
+
+
+def _card(args: argparse.Namespace) -> int:
+    from .export.card import write_card
+
+    path = write_card(args.out_dir, base_model_id=args.base_model_id, repo_id=args.repo_id, overwrite=args.overwrite)
+    print(f"model card written to {path}")
     return 0
 
 
@@ -177,31 +246,74 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_train)
 
 
-def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained adapter on a manifest (labelled, or image-caption pairs for "
-                       "a retrieval model)")
-    p.add_argument("--adapter", required=True, help="output folder of a training run")
-    p.add_argument("--data", required=True, help="CSV / JSONL manifest or datasets folder (with labels for a "
-                   "classifier)")
+def _add_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the saved model comes from, for every command that takes `--adapter`."""
+    p.add_argument("--adapter", required=True, help="output folder of a training run, or a Hub repo id (owner/name) "
+                   "it was pushed to (an existing local path wins)")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub repo id (default main)")
     p.add_argument("--base", help="load the backbone from here instead of the recorded name")
     p.add_argument("--trust-pickle-weights", action="store_true",
                    help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
-    p.add_argument("--output", help="metrics JSON path (default: <adapter>/eval-<data name>.json)")
+    p.add_argument("--no-verify", action="store_true", help="accept weight files whose SHA-256 differs from the one "
+                   "recorded at saving (e.g. an adapter you re-saved with stock peft)")
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """Reading a manifest whose columns may be named otherwise than in training."""
+    p.add_argument("--image-column", help="column holding the image paths (default: the training run's)")
+    p.add_argument("--text-column", help="column holding the captions (default: the training run's)")
+    p.add_argument("--label-column", help="column holding the labels (default: the training run's)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained adapter on a manifest (labelled, or image-caption pairs for "
+                       "a retrieval model)")
+    _add_adapter_arguments(p)
+    p.add_argument("--data", required=True, help="CSV / JSONL manifest or datasets folder (with labels for a "
+                   "classifier)")
+    p.add_argument("--output", help="metrics JSON path (default: <adapter>/eval-<data name>.json; for a repo id "
+                   "eval-<owner>--<name>-<data name>.json in the working folder)")
+    _add_data_arguments(p)
     p.set_defaults(func=_eval)
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="classify one image + text")
-    p.add_argument("--adapter", required=True, help="output folder of a training run")
-    p.add_argument("--image", required=True)
-    p.add_argument("--text", help="the caption (not needed by the prompt and image_only heads)")
-    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
-    p.add_argument("--trust-pickle-weights", action="store_true",
-                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
+    p = sub.add_parser("predict", help="classify one image + text, or every row of a manifest into a JSONL file")
+    _add_adapter_arguments(p)
+    p.add_argument("--image", help="one image to classify")
+    p.add_argument("--text", help="its caption (not needed by the prompt and image_only heads)")
+    p.add_argument("--data", help="a CSV / JSONL manifest or datasets folder to classify row by row (labels not "
+                   "needed)")
+    p.add_argument("--output", help="with --data: the JSONL file to write (row, image, text, label, probabilities)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    _add_data_arguments(p)
     p.set_defaults(func=_predict)
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser("push", help="publish a run folder on the Hugging Face Hub in one commit (adapter, head, "
+                       "labels, run record, config, metrics, charts, model card)")
+    p.add_argument("out_dir", help="output folder of a training run")
+    p.add_argument("--repo-id", required=True, help="owner/name of the model repo (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to commit to (created from main if new; default main)")
+    p.add_argument("--base-model-id", help="Hub id of the backbone the run trained on; required when the run "
+                   "recorded a local path or short name")
+    p.add_argument("--include-checkpoints", action="store_true", help="also upload checkpoints/")
+    p.add_argument("--include-logs", action="store_true", help="also upload logs/ and log.txt")
+    p.set_defaults(func=_push)
+
+
+def _add_card(sub) -> None:
+    p = sub.add_parser("card", help="write or refresh <run>/README.md, the model card `mmpeft push` uploads")
+    p.add_argument("out_dir", help="output folder of a training run")
+    p.add_argument("--base-model-id", help="Hub id of the backbone (required for a local path or short name)")
+    p.add_argument("--repo-id", help="the repo the card is for (used in its usage examples)")
+    p.add_argument("--overwrite", action="store_true", help="replace a README.md that neither mmpeft nor peft wrote")
+    p.set_defaults(func=_card)
 
 
 def _add_data(sub) -> None:
@@ -263,7 +375,8 @@ def _add_plan(sub) -> None:
 
 
 # One function per command: each adds its sub-parser (help, arguments) and the function that runs it.
-COMMANDS = (_add_train, _add_eval, _add_predict, _add_data, _add_compare, _add_backbones, _add_merge, _add_plan)
+COMMANDS = (_add_train, _add_eval, _add_predict, _add_push, _add_card, _add_data, _add_compare, _add_backbones, _add_merge,
+            _add_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,3 +58,8 @@ class MissingPathError(MmpeftError, FileNotFoundError):
 
 class PathExistsError(MmpeftError, FileExistsError):
     """A destination that already holds something mmpeft will not overwrite without being asked."""
+
+
+class HubError(MmpeftError, RuntimeError):
+    """A Hub push or download that failed: no token, a refused token, someone else's repo, no network, a server
+    error. The message says what was kept (the local folder always is) and what to do."""

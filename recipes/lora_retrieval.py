@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mmpeft import train
+from mmpeft.export.hub import push_after_training
 from mmpeft.cli import add_train_arguments, config_from_args, parse_with_overrides, report_user_errors
 from mmpeft.training.metrics import RECALL_AT
 
@@ -45,7 +46,9 @@ def recipe_config(argv: list[str] | None = None):
 def recipe_main(argv: list[str] | None = None) -> dict:
     from accelerate import PartialState
 
-    results = train(recipe_config(argv))
+    cfg = recipe_config(argv)
+    results = train(cfg)
+    push_after_training(cfg)  # `hub.push=true`
     if PartialState().is_main_process:
         print(f"\nzero-shot vs fine-tuned\n{compare(results)}")
     return results

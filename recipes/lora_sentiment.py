@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from mmpeft import train
+from mmpeft.export.hub import push_after_training
 from mmpeft.cli import add_train_arguments, config_from_args, parse_with_overrides, report_user_errors
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "embedded_sentiment.yaml"
@@ -28,7 +29,10 @@ def recipe_config(argv: list[str] | None = None):
 
 
 def recipe_main(argv: list[str] | None = None) -> dict:
-    return train(recipe_config(argv))
+    cfg = recipe_config(argv)
+    results = train(cfg)
+    push_after_training(cfg)  # `hub.push=true`
+    return results
 
 
 if __name__ == "__main__":

@@ -168,3 +168,24 @@ def assert_same_saved_weights(one: Path, two: Path, atol: float = 1e-5) -> None:
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=f"{name}:{key}")
+
+
+QUICK_TRAIN = ["train.mixed_precision=no", "train.progress=false", "train.tracker=null", "data.num_workers=0",
+               "data.batch_size=8", "train.warmup_ratio=0", "train.lr_lora=5e-3", "train.lr_head=1e-2", "head.hidden=16"]
+
+
+def cat_dog_rows(n: int = 16) -> list[dict]:
+    """`n` image+text examples over 2 labels; image colour and words both carry the label."""
+    return [{"text": f"a photo of a {('cat', 'dog')[i % 2]} number {i}", "label": ("cat", "dog")[i % 2],
+             "color": (220, 40 + 10 * i, 30) if i % 2 == 0 else (30, 40 + 10 * i, 220)} for i in range(n)]
+
+
+def train_quick_run(base: Path, root: Path, rows: list[dict], steps: int = 2) -> tuple[Path, Path]:
+    """A run folder trained for `steps` steps on `rows` (train = eval = test); returns (run folder, manifest)."""
+    from mmpeft import load_config, train
+
+    data = write_manifest(root / "data", rows)
+    out = root / "run"
+    train(load_config(None, [f"model.name={base}", f"train.output_dir={out}", f"data.train={data}",
+                             f"data.eval={data}", f"data.test={data}", f"train.max_steps={steps}", *QUICK_TRAIN]))
+    return out, data

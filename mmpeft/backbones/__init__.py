@@ -1,9 +1,13 @@
 """Backbone families (CLIP, SigLIP, BLIP, open_clip, dual encoders), their registry and the loader."""
 
-from . import families  # noqa: F401  (registers the transformers families)
-from . import dual, openclip, packaged  # noqa: F401  (register open_clip, dual encoders, packaged checkpoints)
-from .embedded import EMBEDDED_BACKBONE  # noqa: F401  (registers the offline short names)
 from ..errors import BackboneError
+from . import (  # noqa: F401  (register open_clip, dual encoders, packaged checkpoints)
+    dual,
+    families,  # noqa: F401  (registers the transformers families)
+    openclip,
+    packaged,
+)
+from .embedded import EMBEDDED_BACKBONE  # noqa: F401  (registers the offline short names)
 from .loading import load_backbone
 from .registry import (
     Backbone,

@@ -33,15 +33,16 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def run_child(cmd: list[str], log_path: Path, timeout: float | None = None) -> dict:
-    """Run `cmd` with its output in `log_path`; its exit code, wall time and own peak resident set (GiB)."""
+def run_child(cmd: list[str], log_path: Path, timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run `cmd` (in `env`, else this process's environment) with its output in `log_path`; its exit code, wall
+    time and own peak resident set (GiB)."""
     start = time.perf_counter()
     report = log_path.with_name(log_path.name + ".rusage.json")
     report.unlink(missing_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
         # Its own session: a timeout or Ctrl-C here ends the launcher, the run and its loader workers together.
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(report), *cmd], stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
     timed_out = False
     try:
         proc.wait(timeout)
@@ -92,8 +93,10 @@ def collect(run_dir: Path, child: dict, cuda: bool) -> dict:
 
 
 def run_one(name: str, overrides: list[str], run_dir: Path, *, base: str | None, seed: int, shots: int | None,
-            cuda: bool, timeout: float | None = None) -> dict:
-    """One (configuration, shots, seed) in a fresh process; a failure is recorded, never raised."""
+            cuda: bool, timeout: float | None = None, comparison: str | Path | None = None) -> dict:
+    """One (configuration, shots, seed) in a fresh process; a failure is recorded, never raised. `comparison` is
+    the `mmpeft compare` output folder, recorded in the run's `mmpeft.json` (through `MMPEFT_COMPARISON`) for its
+    model card."""
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = [*overrides, f"train.output_dir={run_dir}", f"train.seed={seed}", "train.progress=false",
                  "train.overwrite=true"]
@@ -108,7 +111,10 @@ def run_one(name: str, overrides: list[str], run_dir: Path, *, base: str | None,
     (run_dir / "metrics.json").unlink(missing_ok=True)  # a stale one must not pass for this run's result
     cmd = [sys.executable, "-m", "mmpeft.cli", "train", *(["--config", str(base)] if base else []), *overrides]
     record["command"] = cmd
-    child = run_child(cmd, run_dir / "log.txt", timeout)
+    origin = {"config": name, "shots": shots, "seed": seed, "folder": str(Path(comparison).resolve())} \
+        if comparison else None
+    env = {**os.environ, "MMPEFT_COMPARISON": json.dumps(origin)} if origin else None
+    child = run_child(cmd, run_dir / "log.txt", timeout, env=env)
     record.update(exit_code=child["exit_code"], wall_seconds=child["wall_seconds"])
     if child["timed_out"]:
         record["error"] = f"timed out after {timeout:g} s\n{_log_tail(run_dir / 'log.txt')}"

@@ -198,7 +198,7 @@ def compare(task: str, out: str | Path, *, configs: dict[str, list[str]] | None 
                 overrides = [*TASK_OVERRIDES[task], *(QUICK_OVERRIDES if quick else []), *config_overrides,
                              *data[k, seed], *extra]
                 record = run_one(name, overrides, run_dir, base=base, seed=seed, shots=k, cuda=cuda,
-                                 timeout=timeout)
+                                 timeout=timeout, comparison=out)
                 results["runs"].append(record)
                 done += 1
                 (out / "results.json").write_text(json.dumps(results, indent=2))  # partial results survive

@@ -14,6 +14,7 @@ from .sections import (
     OPTIMIZERS,
     QUANT_BITS,
     QUANT_TYPES,
+    REPO_ID,
     STORAGE_DTYPES,
     TASK_METRICS,
     TASKS,
@@ -24,6 +25,7 @@ from .sections import (
     DataConfig,
     HeadConfig,
     HeadSpec,
+    HubConfig,
     LoraSettings,
     ModelConfig,
     QuantConfig,
@@ -33,7 +35,7 @@ from .sections import (
 
 __all__ = [
     "CLASS_WEIGHTS", "COMPUTE_DTYPES", "DTYPES", "HEAD_SPECS", "HEAD_TYPES", "METRICS", "MIXED_PRECISION",
-    "OPTIMIZERS", "QUANT_BITS", "QUANT_TYPES", "STORAGE_DTYPES", "TASK_METRICS", "TASKS", "TOWER_MODES", "TRACKERS",
-    "AugmentConfig", "Config", "DataConfig", "HeadConfig", "HeadSpec", "LoraSettings", "ModelConfig", "QuantConfig",
+    "OPTIMIZERS", "QUANT_BITS", "QUANT_TYPES", "REPO_ID", "STORAGE_DTYPES", "TASK_METRICS", "TASKS", "TOWER_MODES", "TRACKERS",
+    "AugmentConfig", "Config", "DataConfig", "HeadConfig", "HeadSpec", "HubConfig", "LoraSettings", "ModelConfig", "QuantConfig",
     "Rule", "Section", "TowerConfig", "TrainConfig", "config_from_dict", "load_config", "parse_yaml",
 ]

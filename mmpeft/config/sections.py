@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -246,12 +247,40 @@ class TrainConfig(Section):
     evaluate_only: bool = value(False)  # evaluate the model as built (e.g. zero-shot) without training it
 
 
+# A Hub repo id: owner/name.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass
+class HubConfig(Section):
+    """The `hub:` section: push the best adapter to the Hub when training ends (`mmpeft push` does it by hand)."""
+
+    push: bool = value(False)
+    repo_id: str | None = value(None, kind=str, optional=True)  # owner/name
+    private: bool = value(True)
+    revision: str | None = value(None, kind=str, optional=True)  # branch to push to; None = main
+    base_model_id: str | None = value(None, kind=str, optional=True)  # the Hub id of a locally loaded base
+    include_checkpoints: bool = value(False)
+    include_logs: bool = value(False)
+
+    def cross_problems(self, where: str) -> list[str]:
+        found = []
+        if self.push and not self.repo_id:
+            found.append(f"`{where}.push=true` needs `{where}.repo_id` (owner/name).")
+        for name in ("repo_id", "base_model_id"):
+            given = getattr(self, name)
+            if isinstance(given, str) and not REPO_ID.fullmatch(given):
+                found.append(f"`{where}.{name}` must be a Hub id (owner/name), got {given!r}.")
+        return found
+
+
 @dataclass
 class Config(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     # classification (the head) | retrieval (contrastive, no head: `head` is ignored)
     task: str = choice("classification", TASKS)
 
@@ -285,6 +314,9 @@ class Config(Section):
                 found.append("Nothing to train: every tower and the head are frozen. Set `model.text.mode`, "
                              "`model.vision.mode` or `head.mode` to `lora` or `full`, or `train.evaluate_only=true` "
                              "to evaluate the model as built.")
+        if self.hub.push and self.hub.base_model_id is None and not REPO_ID.fullmatch(self.model.name):
+            found.append(f"`hub.push=true` but `model.name={self.model.name}` is not a Hub id, so nobody else could "
+                         "load the base: set `hub.base_model_id` to the Hub id it corresponds to.")
         if self.data.eval is None and self.data.train is not None and self.train.early_stopping_patience is not None:
             found.append("`train.early_stopping_patience` needs an evaluation set: set `data.eval`.")
         spec = HEAD_SPECS.get(self.head.type)

@@ -258,7 +258,7 @@ def _image_problem(example: Example, check_images: bool) -> str | None:
 def read_split(path: str | os.PathLike, *, image_column: str = "image", text_column: str = "text",
                label_column: str = "label", require_labels: bool = True, label_names: list[str] | None = None,
                check_images: bool = True, skip_bad_rows: bool = False, allow_outside_root: bool = False,
-               require_text: bool = True) -> Split:
+               require_text: bool = True, column_options: dict[str, str] | None = None) -> Split:
     """Reads a manifest, checks every row and image, and returns the examples or raises one DataError.
 
     `require_text=False` (for heads that never read the caption: `prompt`, `image_only`) accepts a manifest
@@ -266,6 +266,9 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
 
     Image paths are relative to the manifest's folder (the data root); unless `allow_outside_root`, a path that
     leaves it (`../`, an absolute path elsewhere, a symlink pointing out) is a bad row.
+
+    `column_options` (role -> option, e.g. {"image": "--image-column"}) is what a missing column's message tells the
+    user to set; by default the `data.*_column` config keys.
     """
     source = str(path)
     p = Path(path).expanduser()
@@ -286,7 +289,8 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
     needed = ["image"] + (["text"] if require_text else []) + (["label"] if require_labels else [])
     # A JSONL file whose every line is malformed has no columns; report the lines, not the columns.
     if columns:
-        raise_problems([f"{source}: missing column '{cols[r]}' (set {_ROLES[r][0]} to the column holding "
+        options = {role: key for role, (key, _) in _ROLES.items()} | (column_options or {})
+        raise_problems([f"{source}: missing column '{cols[r]}' (set {options[r]} to the column holding "
                         f"{_ROLES[r][1]}s); columns found: {', '.join(columns)}"
                         for r in needed if cols[r] not in columns], f"{source}: missing columns")
     has_labels = label_column in columns

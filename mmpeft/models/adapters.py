@@ -70,14 +70,16 @@ def build_lora_config(backbone: Backbone, cfg: ModelConfig):
     )
 
 
-def attach_adapters(backbone: Backbone, cfg: ModelConfig) -> nn.Module:
+def attach_adapters(backbone: Backbone, cfg: ModelConfig, lora_config=None) -> nn.Module:
     """Wrap the backbone with peft as the tower modes ask; frozen everywhere else.
 
+    `lora_config` (a saved adapter's `LoraConfig`) replaces the one the family presets would build, so an adapter
+    saved when the presets differed gets exactly its own target modules, ranks and `modules_to_save` back.
     Returns the `PeftModel`, or the untouched (frozen) model when both towers are frozen.
     """
     from peft import get_peft_model
 
-    lora_config = build_lora_config(backbone, cfg)
+    lora_config = lora_config or build_lora_config(backbone, cfg)
     if lora_config is None:
         return backbone.model
     try:

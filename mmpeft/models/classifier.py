@@ -177,30 +177,35 @@ def _apply_head_mode(head: nn.Module, cfg: HeadConfig) -> None:
             param.requires_grad_("lora_" in name)
 
 
-def prepare_towers(backbone: Backbone, model_cfg: ModelConfig) -> tuple[nn.Module, dict[str, str]]:
+def prepare_towers(backbone: Backbone, model_cfg: ModelConfig, lora_config=None) -> tuple[nn.Module, dict[str, str]]:
     """Quantize, attach the peft adapter and switch on checkpointing as `model_cfg` asks: the step every model over
-    the towers (classifier, retrieval) starts with. Returns the wrapped backbone and each tower's mode."""
+    the towers (classifier, retrieval) starts with. Returns the wrapped backbone and each tower's mode.
+    `lora_config`: a saved adapter's own peft config (see `attach_adapters`)."""
     tower_modes = {tower: getattr(model_cfg, tower).mode for tower in TOWERS}
     prepare_quantization(backbone, model_cfg)
-    peft_model = attach_adapters(backbone, model_cfg)
+    peft_model = attach_adapters(backbone, model_cfg, lora_config)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbone.model)
     return peft_model, tower_modes
 
 
-def build_classifier(backbone: Backbone, cfg: Config, label_names: list[str], *, init_head: bool = True
-                     ) -> FusionClassifier:
+def build_classifier(backbone: Backbone, cfg: Config, label_names: list[str], *, init_head: bool = True,
+                     lora_config=None) -> FusionClassifier:
     """Attach adapters to the backbone as the tower modes ask and put the configured head on top.
 
-    `init_head=False` skips work whose result a saved head overwrites anyway (the prompt encodings).
+    `init_head=False` skips work whose result a saved head overwrites anyway (the prompt encodings);
+    `lora_config` is a saved adapter's own peft config (see `attach_adapters`).
+    The model keeps the backbone (`model.source`: tokenizer, image processor) and `model.config`, which
+    `mmpeft.predict` reads.
     """
     if len(label_names) < 2:
         raise ConfigError(f"A classifier needs at least 2 classes, got {label_names!r}.")
-    peft_model, tower_modes = prepare_towers(backbone, cfg.model)
+    peft_model, tower_modes = prepare_towers(backbone, cfg.model, lora_config)
     head = build_head(cfg.head, backbone.embed_dims, len(label_names), text_trainable=tower_modes["text"] != "frozen",
                       logit_scale=backbone_logit_scale(backbone.model))
     model = FusionClassifier(peft_model, backbone.family, head, label_names, tower_modes)
     if cfg.head.type == "prompt":
         _attach_prompts(model, backbone, cfg.head, init=init_head)
     _apply_head_mode(model.head, cfg.head)
+    model.source, model.config = backbone, cfg
     return model

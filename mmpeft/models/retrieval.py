@@ -45,16 +45,19 @@ class RetrievalModel(DualTowers):
         return self.logit_scale * image @ text.t()
 
 
-def build_retrieval_model(backbone: Backbone, cfg: Config) -> RetrievalModel:
-    """Attach adapters to the backbone as the tower modes ask (the classifier's code path); `cfg.head` is unused."""
+def build_retrieval_model(backbone: Backbone, cfg: Config, lora_config=None) -> RetrievalModel:
+    """Attach adapters to the backbone as the tower modes ask (the classifier's code path); `cfg.head` is unused.
+    `lora_config`: a saved adapter's own peft config (see `attach_adapters`)."""
     dims = backbone.embed_dims
     if dims["text"] != dims["vision"]:
         raise ConfigError(f"`task=retrieval` compares text and image embeddings, but {backbone.name!r} embeds text in "
                          f"{dims['text']} and images in {dims['vision']} dimensions: use a backbone with a shared "
                          "embedding space (CLIP, SigLIP, BLIP, open_clip).")
-    peft_model, tower_modes = prepare_towers(backbone, cfg.model)
+    peft_model, tower_modes = prepare_towers(backbone, cfg.model, lora_config)
     # The backbone's own scale, fixed (not trained); a family without one gets the default temperature.
-    return RetrievalModel(peft_model, backbone.family, tower_modes, backbone_logit_scale(backbone.model))
+    model = RetrievalModel(peft_model, backbone.family, tower_modes, backbone_logit_scale(backbone.model))
+    model.source, model.config = backbone, cfg
+    return model
 
 
 def _symmetric_cross_entropy(image_to_text: torch.Tensor, text_to_image: torch.Tensor, targets: torch.Tensor
