@@ -115,3 +115,30 @@ def test_overrides_may_come_before_and_after_the_config_option():
     assert cfg.train.epochs == 3 and cfg.train.seed == 4
     with pytest.raises(SystemExit):
         parse_with_overrides(build_parser(), ["train", "--no-such-option"])
+
+
+def test_every_config_key_is_in_the_readme_reference():
+    """README's config reference cannot drift: each key of every section is named there."""
+    import dataclasses
+
+    from mmpeft.config import Config
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    reference = readme[readme.index("## Config reference"):]
+
+    def keys(section, prefix):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value) and f.name != "extra":
+                yield from keys(value, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    cfg = load_config(None, ["model.quantization.bits=4"])
+    missing = []
+    for key in keys(cfg, ""):
+        head, _, last = key.rpartition(".")
+        short = key.replace("model.text.", "model.<tower>.").replace("model.vision.", "model.<tower>.")
+        if not any(form in reference for form in (f"`{key}`", f"`{short}`", f"`.{last}`", f"`{short.rpartition('.')[0]}.{last}` ")):
+            missing.append(key)
+    assert not missing, missing
