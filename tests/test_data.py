@@ -274,3 +274,30 @@ def test_dataset_in_dataloader_with_worker(good: Path, source: str):
     assert unlabeled[0]["labels"] == -1
 
 
+
+
+def test_labels_differing_by_case_or_spaces_warn_or_merge(good: Path, caplog):
+    labels = ["Positive", "positive ", "positive", "positive", "neg"]
+    write_jsonl(good / "cased.jsonl", [{"image": "imgs/a.jpg", "text": str(i), "label": lab}
+                                       for i, lab in enumerate(labels)])
+    split = read_split(good / "cased.jsonl")
+    with caplog.at_level("WARNING", logger="mmpeft.data.dataset"):
+        names = label_names_from(split)
+    assert names == ["Positive", "neg", "positive", "positive "]  # kept as given: nothing is changed unasked
+    assert "1 label(s) are spelled several ways" in caplog.text
+    assert "'Positive' (1 rows), 'positive' (2 rows), 'positive ' (1 rows)" in caplog.text
+    assert "data.normalize_labels=true" in caplog.text
+
+    merged = read_split(good / "cased.jsonl", normalize_labels=True)
+    assert [ex.label for ex in merged.examples] == ["positive", "positive", "positive", "positive", "neg"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmpeft.data.dataset"):
+        assert label_names_from(merged) == ["neg", "positive"]
+    assert not caplog.text
+
+    # an eval row spelled differently: an error that names the training spelling, or merged when asked
+    write_jsonl(good / "eval.jsonl", [{"image": "imgs/a.jpg", "text": "x", "label": " POSITIVE"}])
+    msg = error_of(good / "eval.jsonl", label_names=["neg", "positive"])
+    assert "unknown label ' POSITIVE'" in msg and "'positive' differs only by case or spaces" in msg
+    assert read_split(good / "eval.jsonl", label_names=["neg", "positive"],
+                      normalize_labels=True).examples[0].label == "positive"

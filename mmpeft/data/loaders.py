@@ -55,7 +55,9 @@ def _read(path: str, data_cfg, *, label_names: list[str] | None, require_labels:
     return read_split(path, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
                       label_column=data_cfg.label_column, require_labels=require_labels, label_names=label_names,
                       check_images=data_cfg.check_images, skip_bad_rows=data_cfg.skip_bad_rows,
-                      allow_outside_root=data_cfg.allow_outside_root, require_text=require_text)
+                      allow_outside_root=data_cfg.allow_outside_root, require_text=require_text,
+                      # data.normalize_labels: a key the config gains (config.py is being rewritten); off until then
+                      normalize_labels=getattr(data_cfg, "normalize_labels", False))
 
 
 class _Tokenize:

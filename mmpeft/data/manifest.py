@@ -9,6 +9,7 @@ import json
 import math
 import os
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +207,7 @@ def _outside(path: str, root: str) -> bool:
 
 def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], has_labels: bool,
            require_labels: bool, label_names: list[str] | None, root: str | None,
-           require_text: bool = True) -> tuple[Example | None, list[str]]:
+           require_text: bool = True, normalize_labels: bool = False) -> tuple[Example | None, list[str]]:
     """Turns one raw record into an Example, or lists what is wrong with it; `root` None allows any image path."""
     if isinstance(record, str):
         return None, [record]
@@ -224,7 +225,14 @@ def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], 
              for role, value in (("text", text), ("label", label)) if role in wrong]
     label = None if not has_labels or _blank(label) or "label" in wrong else str(label)
     if label is not None and label_names is not None and label not in label_names:
-        errs.append(f"unknown label '{label}'; expected one of the training labels: {', '.join(label_names)}")
+        near = [n for n in label_names if label_key(n) == label_key(label)]
+        if normalize_labels and near:
+            label = near[0]
+        else:
+            hint = (f" ('{near[0]}' differs only by case or spaces: fix the row or set data.normalize_labels=true)"
+                    if near else "")
+            errs.append(f"unknown label '{label}'; expected one of the training labels: {', '.join(label_names)}"
+                        + hint)
     path = None
     if isinstance(image, str) and not _blank(image):
         path = os.path.abspath(os.path.join(base, os.path.expanduser(image)))
@@ -235,6 +243,31 @@ def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], 
         return None, errs
     loader = image if isinstance(image, DatasetsImage) else None
     return Example(path, "" if _blank(text) else str(text), label, row, source, loader), []
+
+
+def label_key(label: str) -> str:
+    """What two spellings of one class share: `"Positive"` and `"positive "` are the same key."""
+    return label.strip().casefold()
+
+
+def label_variants(examples: list[Example]) -> dict[str, Counter]:
+    """Keys spelled more than one way -> how many rows use each spelling."""
+    groups: dict[str, Counter] = {}
+    for ex in examples:
+        if ex.label is not None:
+            groups.setdefault(label_key(ex.label), Counter())[ex.label] += 1
+    return {key: spellings for key, spellings in groups.items() if len(spellings) > 1}
+
+
+def unify_labels(examples: list[Example]) -> dict[str, str]:
+    """Give every spelling of a class the one most rows use (stripped); returns spelling -> chosen name."""
+    renamed = {}
+    for spellings in label_variants(examples).values():
+        chosen = max(sorted(spellings), key=lambda s: spellings[s]).strip()
+        renamed.update({s: chosen for s in spellings if s != chosen})
+    for ex in examples:
+        ex.label = renamed.get(ex.label, ex.label)
+    return renamed
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -258,7 +291,7 @@ def _image_problem(example: Example, check_images: bool) -> str | None:
 def read_split(path: str | os.PathLike, *, image_column: str = "image", text_column: str = "text",
                label_column: str = "label", require_labels: bool = True, label_names: list[str] | None = None,
                check_images: bool = True, skip_bad_rows: bool = False, allow_outside_root: bool = False,
-               require_text: bool = True) -> Split:
+               require_text: bool = True, normalize_labels: bool = False) -> Split:
     """Reads a manifest, checks every row and image, and returns the examples or raises one DataError.
 
     `require_text=False` (for heads that never read the caption: `prompt`, `image_only`) accepts a manifest
@@ -266,6 +299,9 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
 
     Image paths are relative to the manifest's folder (the data root); unless `allow_outside_root`, a path that
     leaves it (`../`, an absolute path elsewhere, a symlink pointing out) is a bad row.
+
+    `normalize_labels` merges labels that differ only by case or surrounding spaces (into the spelling most rows
+    use, or the training label's); without it they stay separate classes and `label_names_from` warns.
     """
     source = str(path)
     p = Path(path).expanduser()
@@ -292,8 +328,8 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
     has_labels = label_column in columns
 
     root = None if allow_outside_root else os.path.realpath(base)
-    built = [(row, *_build(rec, row, source, base, cols, has_labels, require_labels, label_names, root, require_text))
-             for row, rec in rows]
+    built = [(row, *_build(rec, row, source, base, cols, has_labels, require_labels, label_names, root, require_text,
+                           normalize_labels)) for row, rec in rows]
     candidates = [ex for _, ex, _ in built if ex is not None]
     with warnings.catch_warnings():
         # Set once around the pool: warning filters are process-global and not thread-safe to toggle per image.
@@ -315,4 +351,6 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
     if not skip_bad_rows:
         raise_problems(problems, f"{source}: {len(problems)} problem(s) in {len(skipped)} row(s) "
                                  f"(fix them, or set data.skip_bad_rows to drop these rows):")
+    if normalize_labels:
+        unify_labels(examples)
     return Split(examples, source, skipped if skip_bad_rows else [])
