@@ -94,10 +94,32 @@ class DatasetsImage:
 
 
 def decode_image(example: Example) -> Image.Image:
-    """Opens and fully decodes an example's image (callers decide how to treat decompression-bomb warnings)."""
+    """Opens and fully decodes an example's image as 8 bits per channel (callers decide how to treat
+    decompression-bomb warnings)."""
     img = example.load_image() if example.load_image is not None else Image.open(example.image)
     img.load()  # Image.open is lazy; truncation only shows up when the pixels are read
-    return img
+    return eight_bit(img, where(example))
+
+
+def eight_bit(img: Image.Image, name: str) -> Image.Image:
+    """A 16-bit or 32-bit grayscale image scaled to 8 bits ("L"); other modes unchanged.
+
+    PIL's `convert("RGB")` clips such pixels at 255 instead of scaling them, so a 16-bit PNG becomes a nearly
+    solid white picture. Integer images are 16-bit ranges (PNG, TIFF): divided by 257. Float images must hold
+    values in [0, 1]; anything else has no agreed scale and is refused, naming the file.
+    """
+    if img.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return img
+    import numpy as np
+
+    pixels = np.asarray(img, dtype=np.float64)
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    scale = 1.0 if img.mode == "F" else 65535.0
+    if low < 0 or high > scale:
+        raise DataError(f"{name}: a {img.mode} image with values from {low:g} to {high:g}; expected "
+                        f"{'a float image in [0, 1]' if img.mode == 'F' else '16-bit values (0-65535)'}: "
+                        "save it as an 8-bit or 16-bit PNG/JPEG")
+    return Image.fromarray(np.round(pixels * (255.0 / scale)).astype(np.uint8))
 
 
 def where(example: Example) -> str:
