@@ -11,7 +11,8 @@ from PIL import Image
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from mmpeft.models.adapters import build_lora_config, lora_module_names, tower_targets, trainable_report
+from mmpeft.models.adapters import (build_lora_config, format_trainable, lora_module_names, tower_targets,
+                                   trainable_report)
 from mmpeft.backbones import get_family, load_backbone
 from mmpeft.config import HEAD_TYPES, load_config
 from mmpeft.data import Collator, encode_texts
@@ -386,11 +387,37 @@ def test_trainable_report_counts_by_hand(tiny_paths):
         adapters[tower] = _num_layers(fresh.config, tower) * 4 * r * (hidden + hidden)
     head = sum(p.numel() for p in model.head.parameters())
 
-    report = trainable_report(model, spec)
-    assert report["text"] == {"trainable": adapters["text"], "total": base["text"] + adapters["text"]}
-    assert report["vision"] == {"trainable": adapters["vision"], "total": base["vision"] + adapters["vision"]}
-    assert report["head"] == {"trainable": head, "total": head}
-    assert report["other"] == {"trainable": 0, "total": base["other"]}
+    report = trainable_report(model)  # the model knows its family
+    assert report == trainable_report(model, spec)
+    for tower in ("text", "vision"):
+        total = base[tower] + adapters[tower]
+        assert report[tower] == {"trainable": adapters[tower], "total": total,
+                                 "percent": round(100 * adapters[tower] / total, 3)}
+    assert report["head"] == {"trainable": head, "total": head, "percent": 100.0}
+    assert base["other"] == 1 and "other" not in report  # CLIP's frozen logit_scale: no "other 0/1" line
+    line = format_trainable(report)
+    total = base["text"] + base["vision"] + sum(adapters.values()) + head
+    assert line.startswith(f"trainable parameters: text {adapters['text']:,} / ")
+    assert f"head {head:,} / " in line and "(100.00%)" in line
+    trained = sum(adapters.values()) + head
+    assert 1e3 < total < 1e6 and line.endswith(f"all {trained:,} / {total / 1e3:.3g}k ({100 * trained / total:.2f}%)")
+
+
+def test_trainable_report_counts_4bit_weights_not_packed_bytes(tiny_paths):
+    pytest.importorskip("bitsandbytes")
+    plain = trainable_report(_classifier(tiny_paths["clip"], _config("lora", "lora"))[1])
+    cfg = _config("lora", "lora", "concat", "full", "model.quantization={bits: 4}")
+    backbone = load_backbone(str(tiny_paths["clip"]), quantization=cfg.model.quantization)
+    quantized = trainable_report(build_classifier(backbone, cfg, LABELS))
+    assert quantized == plain  # a Params4bit of shape (n/2, 1) holds n weights
+
+
+def test_lora_module_names_are_relative_to_the_backbone_from_any_wrapper(tiny_paths):
+    backbone, model = _classifier(tiny_paths["clip"], _config("lora", "frozen"))
+    names = lora_module_names(model.backbone)
+    assert names == lora_module_names(model)  # the classifier: same names, no `backbone.base_model.model.`
+    assert names[0].startswith("text_model.encoder.layers.0.") and all(
+        isinstance(backbone.model.get_submodule(n), LoraLayer) for n in names)
 
 
 def test_frozen_towers_stay_in_eval_mode(tiny_paths):

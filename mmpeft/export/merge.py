@@ -26,6 +26,7 @@ from ..errors import (
     MergeError,  # noqa: F401  (raised here; importable from here too)
     PathExistsError,
 )
+from ..models.adapters import peft_wrap
 from ..models.classifier import FusionClassifier, build_classifier
 from ..models.saving import HEAD_WEIGHTS, load_adapter, read_manifest, save_adapter
 from ..quant import TORCH_DTYPES, dequantize_linears, quantized_modules
@@ -59,7 +60,7 @@ def to_full_precision(model: FusionClassifier) -> None:
     peft's quantized LoRA layers only work on bitsandbytes weights, so the adapter is taken off, the base
     dequantized, and the same adapter (config and weights) put back on the float32 base.
     """
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     peft_model = model.backbone
     if hasattr(peft_model, "peft_config"):
@@ -68,7 +69,7 @@ def to_full_precision(model: FusionClassifier) -> None:
         base = peft_model.unload()
         dequantize_linears(base, torch.float32)
         base.float()
-        peft_model = get_peft_model(base, config)
+        peft_model = peft_wrap(base, config)
         set_peft_model_state_dict(peft_model, state)
     else:
         dequantize_linears(peft_model, torch.float32)
