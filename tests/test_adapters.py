@@ -439,3 +439,25 @@ def test_frozen_towers_stay_in_eval_mode_without_adapters(tiny_paths):
     assert model.head.training
     for name in ("text_encoder", "text_proj", "vision_model", "vision_proj"):
         assert not any(m.training for m in getattr(model.base, name).modules()), name
+
+
+def test_forward_returns_a_loss_when_asked_and_logits_otherwise(tiny_paths):
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    backbone, model = _classifier(tiny_paths["clip"], _config("lora", "lora"))
+    batch = _batch(backbone)
+    model.eval()
+    logits = model(**batch)  # what the loop, evaluation, merge and predict call: a tensor, labels in the batch
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 2)
+    out = model(**batch, return_loss=True)
+    assert isinstance(out, SequenceClassifierOutput)
+    torch.testing.assert_close(out.logits, logits)
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.float(), batch["labels"]))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    unlabelled = dict(batch, labels=torch.tensor([1, -1]))
+    torch.testing.assert_close(model(**unlabelled, return_loss=True).loss,
+                               F.cross_entropy(logits[:1].float(), torch.tensor([1])))
+    with pytest.raises(ValueError, match=r"return_loss=True\) needs `labels`"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              pixel_values=batch["pixel_values"], return_loss=True)
