@@ -109,6 +109,14 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .export.inspection import format_inspection, inspect_run
+
+    report = inspect_run(args.out_dir)
+    print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .plan import format_plan, plan
 
@@ -236,6 +244,13 @@ def _add_merge(sub) -> None:
     p.set_defaults(func=_merge)
 
 
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="which modules of each tower got LoRA (ranks, trained weights) and the saved files")
+    p.add_argument("out_dir", help="output folder of a training run (or a merged folder)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_inspect)
+
+
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="estimate peak memory of full / LoRA / QLoRA and which GPUs fit")
     p.add_argument("--model", required=True, help="Hub id, local folder or known name (e.g. openai/clip-vit-base-patch16)")
@@ -250,7 +265,8 @@ def _add_plan(sub) -> None:
 
 
 # One function per command: each adds its sub-parser (help, arguments) and the function that runs it.
-COMMANDS = (_add_train, _add_eval, _add_predict, _add_data, _add_compare, _add_backbones, _add_merge, _add_plan)
+COMMANDS = (_add_train, _add_eval, _add_predict, _add_data, _add_compare, _add_backbones, _add_merge, _add_plan,
+            _add_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
