@@ -200,14 +200,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--adapter", required=True, help="output folder of a training run")
     p.add_argument("--data", required=True, help="CSV / JSONL manifest or datasets folder (with labels for a "
                    "classifier)")
+    p.add_argument("--output", help="metrics JSON path (default: <adapter>/eval-<data name>.json)")
+    _add_manifest_run_args(p)
+    p.set_defaults(func=_eval)
+
+
+def _add_manifest_run_args(p) -> None:
+    """Where a saved model's backbone comes from, and how a manifest is read and batched (eval, embed)."""
     p.add_argument("--base", help="load the backbone from here instead of the recorded name")
     p.add_argument("--trust-pickle-weights", action="store_true",
                    help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
-    p.add_argument("--output", help="metrics JSON path (default: <adapter>/eval-<data name>.json)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
-    p.set_defaults(func=_eval)
 
 
 def _add_predict(sub) -> None:
@@ -280,12 +285,7 @@ def _add_embed(sub) -> None:
     p.add_argument("--what", default="both", choices=["both", "image", "text"], help="which embeddings to write")
     p.add_argument("--output", help="embeddings file (default: <model>/embeddings-<data name>.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing embeddings file")
-    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
-    p.add_argument("--trust-pickle-weights", action="store_true",
-                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
+    _add_manifest_run_args(p)
     p.set_defaults(func=_embed)
 
 

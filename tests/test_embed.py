@@ -14,6 +14,7 @@ from mmpeft.backbones import load_backbone
 from mmpeft.cli import main
 from mmpeft.export.embed import read_embeddings, search
 from mmpeft.models.retrieval import build_retrieval_model
+from mmpeft.testing import perturb_lora
 from mmpeft.world.retrieval import write_retrieval
 
 
@@ -23,11 +24,7 @@ def _saved_retrieval(path, out):
                              "model.vision.lora.dropout=0.0"])
     backbone = load_backbone(cfg.model.name)
     model = build_retrieval_model(backbone, cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    perturb_lora(model)
     save_adapter(model, out, cfg, backbone_name=cfg.model.name, backbone_revision=None,
                  fingerprint=backbone.fingerprint)
     return out

@@ -12,6 +12,7 @@ from PIL import Image
 from mmpeft import build_classifier, load_adapter, load_backbone, load_config, save_adapter
 from mmpeft.cli import main
 from mmpeft.export.merge import MergeError, merge, merge_adapter, probe_batch
+from mmpeft.testing import perturb_lora
 
 NO_DROPOUT = ["model.text.lora.dropout=0.0", "model.vision.lora.dropout=0.0", "head.dropout=0.0"]
 
@@ -24,11 +25,7 @@ def _saved_run(path, out, *extra):
     backbone = load_backbone(cfg.model.name, dtype=cfg.model.dtype, quantization=cfg.model.quantization)
     torch.manual_seed(0)
     model = build_classifier(backbone, cfg, ["negative", "neutral", "positive"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    perturb_lora(model)
     save_adapter(model, out, cfg, backbone_name=cfg.model.name, backbone_revision=None,
                  fingerprint=backbone.fingerprint)
     model.source, model.config = backbone, cfg  # as load_adapter sets them, for probe_batch
