@@ -173,7 +173,6 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
     in float32, after the full-precision merge and, with `requantize`, after quantizing again.
     """
     out_dir, merged_dir = Path(out_dir).resolve(), Path(merged_dir).resolve()
-    check_destination(out_dir, merged_dir, overwrite=overwrite)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise MergeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
     manifest = read_manifest(out_dir)
@@ -182,6 +181,7 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
         raise MergeError(f"`mmpeft merge` writes a transformers model folder; the {family.name!r} backbone of "
                          f"{out_dir} is not a transformers model. Load it with `mmpeft.load_adapter` and merge "
                          "with peft's `merge_and_unload()` in Python instead.")
+    check_destination(out_dir, merged_dir, overwrite=overwrite)  # before any work, as the checks above
     model = load_adapter(out_dir)
     source, config = model.source, model.config
     quant = source.quantization
