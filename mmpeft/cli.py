@@ -200,13 +200,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--adapter", required=True, help="output folder of a training run")
     p.add_argument("--data", required=True, help="CSV / JSONL manifest or datasets folder (with labels for a "
                    "classifier)")
+    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
+    p.add_argument("--trust-pickle-weights", action="store_true",
+                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
     p.add_argument("--output", help="metrics JSON path (default: <adapter>/eval-<data name>.json)")
-    _add_manifest_run_args(p)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
     p.set_defaults(func=_eval)
 
 
 def _add_manifest_run_args(p) -> None:
-    """Where a saved model's backbone comes from, and how a manifest is read and batched (eval, embed)."""
+    """Where a saved model's backbone comes from, and how a manifest is read and batched (embed; main's
+    `_add_adapter_arguments` / `_add_data_arguments` replace it when this branch merges)."""
     p.add_argument("--base", help="load the backbone from here instead of the recorded name")
     p.add_argument("--trust-pickle-weights", action="store_true",
                    help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")

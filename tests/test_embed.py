@@ -67,7 +67,7 @@ def test_embed_writes_the_models_embeddings_in_manifest_order(embedded, capsys):
 
 
 def test_search_ranks_by_the_stored_similarities(embedded, capsys):
-    run, data, path = embedded
+    run, _, path = embedded
     tensors, meta = read_embeddings(path)
     expected = (tensors["image"] @ tensors["text"][2]).topk(3)
     hits = search(path, text=meta["texts"][2], k=3)
