@@ -14,10 +14,26 @@ import argparse
 import json
 from pathlib import Path
 
-from mmpeft.compare.runner import CONFIGS, plan_configs
+from mmpeft.compare.runner import CONFIGS
 from mmpeft.compare.report import write_report
 
 SAME = ("task", "base", "extra_overrides", "task_overrides", "quick", "attribute")
+
+
+def recorded_configs(sources: list[Path], loaded: list[dict]) -> dict[str, list[str]]:
+    """Every configuration's overrides as its comparison recorded them (shipped or added with --define); a name
+    that two sources define differently cannot be merged."""
+    configs: dict[str, list[str]] = {}
+    for source, result in zip(sources, loaded):
+        for name, overrides in result["meta"]["configs"].items():
+            if configs.setdefault(name, overrides) != overrides:
+                raise SystemExit(f"{source}/results.json defines configuration {name!r} as {overrides}, another "
+                                 f"source as {configs[name]}: only runs of one comparison can be merged.")
+    for result in loaded:
+        missing = sorted({run["config"] for run in result["runs"]} - set(configs))
+        if missing:
+            raise SystemExit(f"runs of configuration(s) {missing} have no recorded definition in meta.configs.")
+    return configs
 
 
 def merge(sources: list[Path]) -> dict:
@@ -28,7 +44,9 @@ def merge(sources: list[Path]) -> dict:
         if differ:
             raise SystemExit(f"{source}/results.json differs from {sources[0]}/results.json in {differ}: "
                              "only runs of one comparison can be merged.")
-    order = list(CONFIGS[meta["task"]])
+    configs = recorded_configs(sources, loaded)
+    # The shipped configurations in their own order, then those added with --define in the order first seen.
+    order = [*(n for n in CONFIGS[meta["task"]] if n in configs), *(n for n in configs if n not in CONFIGS[meta["task"]])]
     runs = sorted((run for result in loaded for run in result["runs"]),
                   key=lambda run: (order.index(run["config"]), run["shots"] or 0, run["seed"]))
     keys = [(run["config"], run["shots"], run["seed"]) for run in runs]
@@ -36,7 +54,7 @@ def merge(sources: list[Path]) -> dict:
         raise SystemExit(f"a (config, shots, seed) appears in more than one source: {sorted(keys)}")
     names = list(dict.fromkeys(run["config"] for run in runs))
     meta.update(
-        configs={name: plan_configs(meta["task"], [name])[name] for name in names},
+        configs={name: configs[name] for name in names},
         shots=sorted({run["shots"] for run in runs}, key=lambda k: k or 0),
         seeds=sorted({run["seed"] for run in runs}),
         started=min(result["meta"]["started"] for result in loaded),

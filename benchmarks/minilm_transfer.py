@@ -40,7 +40,7 @@ HELD_OUT_WORDS = {"positive": ["fantastic", "delightful", "superb", "pleasant", 
                                "disgusting"]}
 TEMPLATES = ["what a {} day", "this film was {}", "the trip felt {}", "such a {} meal", "honestly, {}",
              "the service was {}", "a truly {} evening", "our holiday was {}"]
-VISION = "torchvision:resnet18,image_size=32"
+VISION = "torchvision:resnet18@{weights},image_size=32"
 
 
 def write_split(folder: Path, name: str, n: int, words: dict[str, list[str]], rng: random.Random) -> Path:
@@ -71,8 +71,22 @@ def random_twin(folder: Path) -> Path:
     return folder
 
 
+def random_resnet18(path: Path) -> Path:
+    """The frozen, uninformative image tower: torchvision's ResNet-18 with seeded random weights, saved to a file
+    (mmpeft refuses a tower named without weights unless random initialisation is asked for)."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("fc.")}, path)
+    return path
+
+
 def run_arm(text: str, data: dict[str, Path], out: Path, epochs: int) -> dict:
-    overrides = [f"model.name=dual:text={text},vision={VISION},pooling=mean", "model.text.mode=lora",
+    vision = VISION.format(weights=data["vision"])
+    overrides = [f"model.name=dual:text={text},vision={vision},pooling=mean", "model.text.mode=lora",
                  "model.text.lora.r=8", "model.text.lora.alpha=16", "model.vision.mode=frozen", "head.type=concat",
                  "head.hidden=0", f"data.train={data['train']}", f"data.eval={data['eval']}",
                  f"data.test={data['test']}", "data.batch_size=16", "data.num_workers=0", f"train.epochs={epochs}",
@@ -98,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         rng = random.Random(0)
         data = {"train": write_split(tmp, "train", args.train_examples, TRAIN_WORDS, rng),
                 "eval": write_split(tmp, "eval", 64, HELD_OUT_WORDS, rng),
-                "test": write_split(tmp, "test", 128, HELD_OUT_WORDS, rng)}
+                "test": write_split(tmp, "test", 128, HELD_OUT_WORDS, rng),
+                "vision": random_resnet18(tmp / "resnet18.safetensors")}
         arms = {"pretrained": run_arm(MINILM, data, tmp / "pretrained", args.epochs),
                 "random_init": run_arm(str(random_twin(tmp / "twin")), data, tmp / "random", args.epochs)}
     margin = arms["pretrained"]["test_macro_f1"] - arms["random_init"]["test_macro_f1"]

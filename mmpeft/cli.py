@@ -191,6 +191,36 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .export.inspection import format_inspection, inspect_run
+
+    report = inspect_run(args.out_dir)
+    print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from .export.embed import embed_manifest
+
+    kinds = ("image", "text") if args.what == "both" else (args.what,)
+    summary = embed_manifest(args.model, args.data, args.output, kinds=kinds, batch_size=args.batch_size,
+                             num_workers=args.num_workers, skip_bad_rows=args.skip_bad_rows,
+                             overwrite=args.overwrite, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
+    skipped = f"; skipped rows {summary['skipped_rows']}" if summary["skipped_rows"] else ""
+    print(f"{summary['rows']} rows embedded ({' and '.join(summary['kinds'])}, {summary['dim']} dimensions) "
+          f"to {summary['output']}{skipped}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .export.embed import format_hits, search
+
+    hits = search(args.embeddings, text=args.text, image=args.image, k=args.k, model_dir=args.model,
+                  trust_pickle_weights=args.trust_pickle_weights)
+    print(json.dumps(hits, indent=2) if args.json else format_hits(hits))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .plan import format_plan, plan
 
@@ -280,6 +310,17 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_eval)
 
 
+def _add_manifest_run_args(p) -> None:
+    """Where a saved model's backbone comes from, and how a manifest is read and batched (embed; main's
+    `_add_adapter_arguments` / `_add_data_arguments` replace it when this branch merges)."""
+    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
+    p.add_argument("--trust-pickle-weights", action="store_true",
+                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify one image + text, or every row of a manifest into a JSONL file")
     _add_adapter_arguments(p)
@@ -361,6 +402,38 @@ def _add_merge(sub) -> None:
     p.set_defaults(func=_merge)
 
 
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="which modules of each tower got LoRA (ranks, trained weights) and the saved files")
+    p.add_argument("out_dir", help="output folder of a training run (or a merged folder)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_inspect)
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="embed a manifest's images and captions with a retrieval model (safetensors)")
+    p.add_argument("model", help="output folder of a retrieval run (task=retrieval)")
+    p.add_argument("data", help="CSV / JSONL manifest or datasets folder of images and captions")
+    p.add_argument("--what", default="both", choices=["both", "image", "text"], help="which embeddings to write")
+    p.add_argument("--output", help="embeddings file (default: <model>/embeddings-<data name>.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing embeddings file")
+    _add_manifest_run_args(p)
+    p.set_defaults(func=_embed)
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="nearest images to a caption, or captions to an image, in an embeddings file")
+    p.add_argument("embeddings", help="file written by `mmpeft embed` (or the folder holding one)")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a caption: find the closest images")
+    query.add_argument("--image", help="an image file: find the closest captions")
+    p.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    p.add_argument("--model", help="retrieval run to embed the query with (default: the one recorded in the file)")
+    p.add_argument("--trust-pickle-weights", action="store_true",
+                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_search)
+
+
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="estimate peak memory of full / LoRA / QLoRA and which GPUs fit")
     p.add_argument("--model", required=True, help="Hub id, local folder or known name (e.g. openai/clip-vit-base-patch16)")
@@ -375,8 +448,8 @@ def _add_plan(sub) -> None:
 
 
 # One function per command: each adds its sub-parser (help, arguments) and the function that runs it.
-COMMANDS = (_add_train, _add_eval, _add_predict, _add_push, _add_card, _add_data, _add_compare, _add_backbones, _add_merge,
-            _add_plan)
+COMMANDS = (_add_train, _add_eval, _add_predict, _add_push, _add_card, _add_data, _add_compare, _add_backbones,
+            _add_merge, _add_plan, _add_inspect, _add_embed, _add_search)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from .errors import BackboneError
 
 GPU_SIZES_GB = (8, 12, 16, 24, 48, 80)
+# Families whose model the planner builds on the meta device from a transformers config.
+PLANNED_FAMILIES = ("clip", "siglip", "blip")
 GIB = 2**30
 # Not counted by torch.cuda.max_memory_allocated but needed on the card: the CUDA context and kernels, and
 # the caching allocator's fragmentation (a share of the tensors' peak).
@@ -68,11 +70,19 @@ def _load_config(model: str):
 
     from transformers import AutoConfig
 
+    from .backbones.registry import family_for_name
     from .backbones.shapes import KNOWN_SHAPES, known_config
     from .backbones.weights import resolve_location
 
     if model in KNOWN_SHAPES:
         return known_config(model)
+    own = family_for_name(model)
+    if own is not None:
+        raise BackboneError(
+            f"`mmpeft plan` covers the transformers families ({', '.join(PLANNED_FAMILIES)}: a Hub id, a local "
+            f"folder or one of {', '.join(sorted(KNOWN_SHAPES))}); {model!r} is of the {own.name!r} family, "
+            "whose towers it cannot yet build from a config. Measure it instead: benchmarks/memory.py, or a short "
+            "`mmpeft train train.max_steps=2` run on the card.")
     try:
         return AutoConfig.from_pretrained(resolve_location(model))
     except OSError as err:

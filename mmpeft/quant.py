@@ -27,6 +27,25 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
                 "uint8": torch.uint8}
 
 
+class _KernelsHint(logging.Filter):
+    """Holds back bitsandbytes' import-time "Failed to load CPU gemm_4bit_forward ... pip install kernels".
+
+    peft imports bitsandbytes whenever it is installed (`peft/helpers.py`), so every run printed it, quantized or
+    not. It only matters to 4-bit layers on the CPU: `check_device` repeats it once when such a run starts.
+    """
+
+    held: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "gemm_4bit_forward" in str(record.msg):
+            _KernelsHint.held = record.getMessage()
+            return False
+        return True
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelsHint())
+
+
 
 @lru_cache(maxsize=1)
 def is_bnb_available() -> bool:
@@ -67,6 +86,9 @@ def check_device(device: str | torch.device) -> torch.device:
     import bitsandbytes as bnb
 
     supported = sorted(getattr(bnb, "supported_torch_devices", {"cpu", "cuda"}))
+    if device.type == "cpu" and _KernelsHint.held:
+        logger.warning("bitsandbytes: %s", _KernelsHint.held)
+        _KernelsHint.held = None
     if device.type not in supported:
         raise QuantizationError(f"bitsandbytes {bnb.__version__} cannot run quantized layers on {device.type!r}; it "
                                 f"supports {supported}. Train unquantized there (`model.quantization=null`).")

@@ -114,3 +114,13 @@ def build_tiny_backbone(
     tok.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def perturb_lora(model: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> None:
+    """Fill every LoRA B matrix with seeded noise: peft starts B at zero, where an adapter changes nothing, so a
+    saved, merged or embedded model could not tell a right adapter from a lost one."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=gen))

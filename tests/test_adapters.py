@@ -11,7 +11,8 @@ from PIL import Image
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from mmpeft.models.adapters import build_lora_config, lora_module_names, tower_targets, trainable_report
+from mmpeft.models.adapters import (build_lora_config, format_trainable, lora_module_names, tower_targets,
+                                   trainable_report)
 from mmpeft.backbones import get_family, load_backbone
 from mmpeft.config import HEAD_TYPES, load_config
 from mmpeft.data import Collator, encode_texts
@@ -386,11 +387,37 @@ def test_trainable_report_counts_by_hand(tiny_paths):
         adapters[tower] = _num_layers(fresh.config, tower) * 4 * r * (hidden + hidden)
     head = sum(p.numel() for p in model.head.parameters())
 
-    report = trainable_report(model, spec)
-    assert report["text"] == {"trainable": adapters["text"], "total": base["text"] + adapters["text"]}
-    assert report["vision"] == {"trainable": adapters["vision"], "total": base["vision"] + adapters["vision"]}
-    assert report["head"] == {"trainable": head, "total": head}
-    assert report["other"] == {"trainable": 0, "total": base["other"]}
+    report = trainable_report(model)  # the model knows its family
+    assert report == trainable_report(model, spec)
+    for tower in ("text", "vision"):
+        total = base[tower] + adapters[tower]
+        assert report[tower] == {"trainable": adapters[tower], "total": total,
+                                 "percent": round(100 * adapters[tower] / total, 3)}
+    assert report["head"] == {"trainable": head, "total": head, "percent": 100.0}
+    assert base["other"] == 1 and "other" not in report  # CLIP's frozen logit_scale: no "other 0/1" line
+    line = format_trainable(report)
+    total = base["text"] + base["vision"] + sum(adapters.values()) + head
+    assert line.startswith(f"trainable parameters: text {adapters['text']:,} / ")
+    assert f"head {head:,} / " in line and "(100.00%)" in line
+    trained = sum(adapters.values()) + head
+    assert 1e3 < total < 1e6 and line.endswith(f"all {trained:,} / {total / 1e3:.3g}k ({100 * trained / total:.2f}%)")
+
+
+def test_trainable_report_counts_4bit_weights_not_packed_bytes(tiny_paths):
+    pytest.importorskip("bitsandbytes")
+    plain = trainable_report(_classifier(tiny_paths["clip"], _config("lora", "lora"))[1])
+    cfg = _config("lora", "lora", "concat", "full", "model.quantization={bits: 4}")
+    backbone = load_backbone(str(tiny_paths["clip"]), quantization=cfg.model.quantization)
+    quantized = trainable_report(build_classifier(backbone, cfg, LABELS))
+    assert quantized == plain  # a Params4bit of shape (n/2, 1) holds n weights
+
+
+def test_lora_module_names_are_relative_to_the_backbone_from_any_wrapper(tiny_paths):
+    backbone, model = _classifier(tiny_paths["clip"], _config("lora", "frozen"))
+    names = lora_module_names(model.backbone)
+    assert names == lora_module_names(model)  # the classifier: same names, no `backbone.base_model.model.`
+    assert names[0].startswith("text_model.encoder.layers.0.") and all(
+        isinstance(backbone.model.get_submodule(n), LoraLayer) for n in names)
 
 
 def test_frozen_towers_stay_in_eval_mode(tiny_paths):
@@ -412,3 +439,25 @@ def test_frozen_towers_stay_in_eval_mode_without_adapters(tiny_paths):
     assert model.head.training
     for name in ("text_encoder", "text_proj", "vision_model", "vision_proj"):
         assert not any(m.training for m in getattr(model.base, name).modules()), name
+
+
+def test_forward_returns_a_loss_when_asked_and_logits_otherwise(tiny_paths):
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    backbone, model = _classifier(tiny_paths["clip"], _config("lora", "lora"))
+    batch = _batch(backbone)
+    model.eval()
+    logits = model(**batch)  # what the loop, evaluation, merge and predict call: a tensor, labels in the batch
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 2)
+    out = model(**batch, return_loss=True)
+    assert isinstance(out, SequenceClassifierOutput)
+    torch.testing.assert_close(out.logits, logits)
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.float(), batch["labels"]))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    unlabelled = dict(batch, labels=torch.tensor([1, -1]))
+    torch.testing.assert_close(model(**unlabelled, return_loss=True).loss,
+                               F.cross_entropy(logits[:1].float(), torch.tensor([1])))
+    with pytest.raises(ValueError, match=r"return_loss=True\) needs `labels`"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              pixel_values=batch["pixel_values"], return_loss=True)

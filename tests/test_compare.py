@@ -179,3 +179,30 @@ def test_compare_help(capsys):
     recipe = subprocess.run([sys.executable, str(ROOT / "recipes" / "compare.py"), "--help"], capture_output=True,
                             text=True, timeout=120)
     assert recipe.returncode == 0 and "embedded_sentiment.yaml" in recipe.stdout
+
+
+def test_merge_compare_keeps_configurations_added_with_define(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import merge_compare
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def source(name, configs, runs, started):
+        meta = {"task": "sentiment", "base": None, "extra_overrides": [], "task_overrides": [], "quick": True,
+                "attribute": None, "configs": configs, "seeds": sorted({r["seed"] for r in runs}),
+                "git_commit": "abc", "started": started, "finished": started}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}))
+        return tmp_path / name
+
+    shipped = {"lora_both": CONFIGS["sentiment"]["lora_both"]}
+    one = source("one", {**shipped, "r4": ["model.text.lora.r=4"]},
+                 [_record("r4", None, 0, 0.7), _record("lora_both", None, 0, 0.9)], "t1")
+    two = source("two", {"r4": ["model.text.lora.r=4"]}, [_record("r4", None, 1, 0.8)], "t2")
+    merged = merge_compare.merge([one, two])
+    assert [(r["config"], r["seed"]) for r in merged["runs"]] == [("lora_both", 0), ("r4", 0), ("r4", 1)]
+    assert merged["meta"]["configs"] == {"lora_both": shipped["lora_both"], "r4": ["model.text.lora.r=4"]}
+    clash = source("three", {"r4": ["model.text.lora.r=8"]}, [_record("r4", None, 2, 0.8)], "t3")
+    with pytest.raises(SystemExit, match=r"defines configuration 'r4' as \['model.text.lora.r=8'\]"):
+        merge_compare.merge([one, clash])

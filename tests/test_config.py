@@ -121,7 +121,6 @@ def test_every_config_key_is_in_the_readme_reference():
     """README's config reference cannot drift: each key of every section is named there."""
     import dataclasses
 
-    from mmpeft.config import Config
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     reference = readme[readme.index("## Config reference"):]

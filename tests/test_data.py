@@ -274,3 +274,52 @@ def test_dataset_in_dataloader_with_worker(good: Path, source: str):
     assert unlabeled[0]["labels"] == -1
 
 
+
+
+def test_labels_differing_by_case_or_spaces_warn_or_merge(good: Path, caplog):
+    labels = ["Positive", "positive ", "positive", "positive", "neg"]
+    write_jsonl(good / "cased.jsonl", [{"image": "imgs/a.jpg", "text": str(i), "label": lab}
+                                       for i, lab in enumerate(labels)])
+    split = read_split(good / "cased.jsonl")
+    with caplog.at_level("WARNING", logger="mmpeft.data.dataset"):
+        names = label_names_from(split)
+    assert names == ["Positive", "neg", "positive", "positive "]  # kept as given: nothing is changed unasked
+    assert "1 label(s) are spelled several ways" in caplog.text
+    assert "'Positive' (1 rows), 'positive' (2 rows), 'positive ' (1 rows)" in caplog.text
+    assert "data.normalize_labels=true" in caplog.text
+
+    merged = read_split(good / "cased.jsonl", normalize_labels=True)
+    assert [ex.label for ex in merged.examples] == ["positive", "positive", "positive", "positive", "neg"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmpeft.data.dataset"):
+        assert label_names_from(merged) == ["neg", "positive"]
+    assert not caplog.text
+
+    # an eval row spelled differently: an error that names the training spelling, or merged when asked
+    write_jsonl(good / "eval.jsonl", [{"image": "imgs/a.jpg", "text": "x", "label": " POSITIVE"}])
+    msg = error_of(good / "eval.jsonl", label_names=["neg", "positive"])
+    assert "unknown label ' POSITIVE'" in msg and "'positive' differs only by case or spaces" in msg
+    assert read_split(good / "eval.jsonl", label_names=["neg", "positive"],
+                      normalize_labels=True).examples[0].label == "positive"
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_whitened(tmp_path: Path):
+    from mmpeft.data.manifest import Example, decode_image
+
+    depth = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0 .. 65535 in steps of 257
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    assert Image.open(tmp_path / "depth.png").mode == "I;16"
+    Image.fromarray((np.arange(64, dtype=np.float32).reshape(8, 8) / 63)).save(tmp_path / "unit.tiff")
+    Image.fromarray(np.full((8, 8), 300.0, dtype=np.float32)).save(tmp_path / "hdr.tiff")
+    write_jsonl(tmp_path / "m.jsonl", [{"image": name, "text": "x", "label": "a"}
+                                       for name in ("depth.png", "unit.tiff", "hdr.tiff")])
+    msg = error_of(tmp_path / "m.jsonl")
+    assert "row 3: cannot decode image" in msg and "hdr.tiff: a F image with values from 300 to 300" in msg
+    assert "row 1" not in msg and "row 2" not in msg
+
+    split = read_split(tmp_path / "m.jsonl", skip_bad_rows=True)
+    rgb = MultimodalDataset(split, ["a"], None, TextEncoding([[1], [1]], 0)).load_image(0)
+    pixels = np.asarray(rgb)
+    assert rgb.mode == "RGB" and pixels[..., 0].ravel().tolist() == list(range(256))  # PIL alone: 255 nearly everywhere
+    unit = np.asarray(decode_image(Example(str(tmp_path / "unit.tiff"), "x", "a", 2, "m")))
+    assert unit.dtype == np.uint8 and unit.min() == 0 and unit.max() == 255

@@ -104,6 +104,18 @@ def test_loading_errors(tiny_dual, tmp_path):
         load_backbone(f"dual:text={text},vision=torchvision:resnet18@{tmp_path / 'resnet18.pth'}")
 
 
+@pytest.mark.parametrize("tower", ["torchvision:resnet18", "timm:resnet10t"])
+def test_random_vision_towers_are_refused_unless_asked_for(tiny_dual, tower):
+    text = tiny_dual["torchvision"].split(",")[0].removeprefix("dual:text=")
+    name = f"dual:text={text},vision={tower},image_size=32"
+    with pytest.raises(BackboneError, match=rf"no weights were given for vision={tower}, so it would start from "
+                                            r"random weights.*allow_random_init=True.*model\.allow_random_init=true"):
+        load_backbone(name)
+    one, two = load_backbone(name, allow_random_init=True), load_backbone(name, allow_random_init=True)
+    assert one.fingerprint == two.fingerprint  # seeded: an adapter trained on it loads back onto the same weights
+    assert one.family.name == "dual"
+
+
 # --- LoRA presets, tower modes, heads -----------------------------------------------------------------------------
 
 

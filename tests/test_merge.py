@@ -12,6 +12,7 @@ from PIL import Image
 from mmpeft import build_classifier, load_adapter, load_backbone, load_config, save_adapter
 from mmpeft.cli import main
 from mmpeft.export.merge import MergeError, merge, merge_adapter, probe_batch
+from mmpeft.testing import perturb_lora
 
 NO_DROPOUT = ["model.text.lora.dropout=0.0", "model.vision.lora.dropout=0.0", "head.dropout=0.0"]
 
@@ -24,11 +25,7 @@ def _saved_run(path, out, *extra):
     backbone = load_backbone(cfg.model.name, dtype=cfg.model.dtype, quantization=cfg.model.quantization)
     torch.manual_seed(0)
     model = build_classifier(backbone, cfg, ["negative", "neutral", "positive"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    perturb_lora(model)
     save_adapter(model, out, cfg, backbone_name=cfg.model.name, backbone_revision=None,
                  fingerprint=backbone.fingerprint)
     model.source, model.config = backbone, cfg  # as load_adapter sets them, for probe_batch
@@ -90,3 +87,44 @@ def test_merge_cli_and_its_refusals(tiny_paths, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "run"), "--to", str(tmp_path / "again"), "--requantize"]) == 2
     assert "was not trained on a quantized backbone" in capsys.readouterr().err
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_merge_never_deletes_the_run_or_files_it_did_not_write(tiny_paths, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run2"
+    _saved_run(tiny_paths["clip"], run)
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "checkpoints" / "step-2" / "state.bin").write_bytes(b"optimizer")
+    (run / "metrics.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for to, word in [(run, "is the run folder"), (".", "contains the run folder"),
+                     (run / "merged", "lies inside the run folder")]:
+        assert main(["merge", "run2", "--to", str(to), "--overwrite"]) == 2
+        assert word in capsys.readouterr().err
+        assert _files(tmp_path) == before  # nothing deleted, no staging folder left behind
+
+    # a folder mmpeft merge did not write is not replaced, even with --overwrite
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("keep")
+    assert main(["merge", "run2", "--to", "other", "--overwrite"]) == 2
+    assert "is not a folder `mmpeft merge` wrote" in capsys.readouterr().err
+    assert (tmp_path / "other" / "keep.txt").read_text() == "keep"
+
+    # an earlier merge is replaced; a file added to it since makes --overwrite refuse
+    assert main(["merge", "run2", "--to", "merged"]) == 0
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert set(report["files"]) == set(_files(tmp_path / "merged")) and "model.safetensors" in report["files"]
+    assert main(["merge", "run2", "--to", "merged", "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["dtype"] == "bfloat16"
+    (tmp_path / "merged" / "README.md").write_text("my notes")
+    capsys.readouterr()
+    assert main(["merge", "run2", "--to", "merged", "--overwrite"]) == 2
+    assert "holds 1 file(s) `mmpeft merge` did not write (README.md)" in capsys.readouterr().err
+    assert (tmp_path / "merged" / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "notes.txt", "other", "run2"]
+    assert _files(run) == {k.removeprefix("run2/"): v for k, v in before.items() if k.startswith("run2/")}

@@ -8,6 +8,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import QuantConfig
+from ..errors import BackboneError
 from .quantized import default_device, resolve_dtype
 from .registry import Backbone, BackboneFamily
 from .weights import check_loading_info, weights_fingerprint
@@ -48,14 +49,26 @@ def float_dtype(module: nn.Module) -> torch.dtype:
 
 
 def load_with_hook(spec: BackboneFamily, name: str, *, revision: str | None, dtype: str,
-                   quantization: QuantConfig | None, device, trust_pickle_weights: bool) -> Backbone:
-    """`load_backbone` for a family with its own loader: load, check tower weights, fingerprint, quantize."""
+                   quantization: QuantConfig | None, device, trust_pickle_weights: bool,
+                   allow_random_init: bool = False) -> Backbone:
+    """`load_backbone` for a family with its own loader: load, check tower weights, fingerprint, quantize.
+
+    A loader reports towers it had no weights for under `info["random_init"]`; they are refused unless
+    `allow_random_init`.
+    """
     from ..quant import TORCH_DTYPES, cast_unquantized, check_device, quantize_linears, skip_patterns
 
     torch_dtype = resolve_dtype(dtype, quantization)
     model, tokenizer, image_processor, info = spec.load(
         name.partition(":")[2], torch_dtype=torch_dtype, revision=revision, trust_pickle_weights=trust_pickle_weights)
     check_loading_info(spec, name, info)
+    random_towers = info.get("random_init") or []
+    if random_towers and not allow_random_init:
+        raise BackboneError(
+            f"{name!r}: no weights were given for {', '.join(random_towers)}, so it would start from random weights "
+            "and train from scratch. Name a weights file (e.g. torchvision:resnet50@/path/resnet50.safetensors, "
+            "timm:<name>@/path/weights.safetensors) or, to train from random weights on purpose, pass "
+            "allow_random_init=True to load_backbone (config: model.allow_random_init=true).")
     model.eval()
     model.requires_grad_(False)
     fingerprint = weights_fingerprint(model)  # before quantizing: the checkpoint's own values

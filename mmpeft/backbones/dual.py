@@ -3,7 +3,8 @@
     dual:text=<transformers id or folder>,vision=<image encoder>[,pooling=cls|mean][,image_size=N]
 
 `<image encoder>` is a transformers id or folder (ViT, ConvNeXt, ResNet, DINOv2, ...), `torchvision:<resnet>[@file]`
-or `timm:<name>[@file]`; without `@file` a torchvision or timm tower is randomly initialised (seeded). `pooling` is
+or `timm:<name>[@file]`; without `@file` a torchvision or timm tower would start from seeded random weights, which
+`load_backbone` refuses unless `allow_random_init=True`. `pooling` is
 the text pooling: `mean` over real tokens (sentence-transformers checkpoints) or `cls`; by default it is what the
 checkpoint's sentence-transformers pooling config says, else `cls`. `image_size` sets the input resolution of a
 torchvision (default 224) or timm (default: the model's) tower. The name is what `mmpeft.json` records, so
@@ -128,7 +129,8 @@ def load_dual(spec: str, *, torch_dtype: torch.dtype, revision: str | None, trus
     model = DualEncoder(text, vision, config)
     config.num_layers = {"text": count_layers(model, TEXT_PREFIX, TEXT_PRESETS),
                          "vision": count_layers(model, VISION_PREFIX, VISION_PRESETS)}
-    info = {kind: text_info.get(kind, []) + vision_info.get(kind, []) for kind in ("missing_keys", "mismatched_keys")}
+    info = {kind: text_info.get(kind, []) + vision_info.get(kind, [])
+            for kind in ("missing_keys", "mismatched_keys", "random_init")}
     return model, tokenizer, processor, info
 
 

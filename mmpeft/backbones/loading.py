@@ -25,18 +25,21 @@ logger = logging.getLogger(__name__)
 
 def load_backbone(name: str, *, family: str | None = None, revision: str | None = None,
                   dtype: str = "auto", quantization: QuantConfig | None = None,
-                  device: str | torch.device | None = None, trust_pickle_weights: bool = False) -> Backbone:
+                  device: str | torch.device | None = None, trust_pickle_weights: bool = False,
+                  allow_random_init: bool = False) -> Backbone:
     """Load a registered family's model, tokenizer and image processor from a Hub id or a local folder.
 
     Weights are read from safetensors only; `trust_pickle_weights` also accepts `pytorch_model.bin`, read with
     `torch.load(weights_only=True)` (no arbitrary objects, so no code runs while loading).
+    A tower that would start from random weights (a `dual:` torchvision or timm tower named without `@weights`)
+    is refused unless `allow_random_init`.
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     own = family_for_name(name)  # `open_clip:...`, `dual:...`: families that bring their own loader
     if own is not None:
         return load_with_hook(own, name, revision=revision, dtype=dtype, quantization=quantization, device=device,
-                              trust_pickle_weights=trust_pickle_weights)
+                              trust_pickle_weights=trust_pickle_weights, allow_random_init=allow_random_init)
     location = resolve_location(name)
     try:
         config = AutoConfig.from_pretrained(location, revision=revision)

@@ -33,7 +33,9 @@ def load_vision_tower(spec: str, *, image_size: int | None, torch_dtype: torch.d
         return _transformers_tower(arch, torch_dtype, revision, trust_pickle_weights, image_size)
     name = f"{library}:{arch}"
     model, width = (_torchvision_resnet if library == "torchvision" else _timm_model)(arch, name)
-    info = load_into(model, read_weights(weights, spec, trust_pickle_weights), "vision_model.") if weights else {}
+    # No weights file: seeded random weights, reported so the loader refuses them unless they were asked for.
+    info = (load_into(model, read_weights(weights, spec, trust_pickle_weights), "vision_model.") if weights
+            else {"random_init": [f"vision={spec}"]})
     processor = _torchvision_processor(image_size or 224) if library == "torchvision" else _timm_processor(model,
                                                                                                         image_size)
     return model.to(torch_dtype), processor, width, info

@@ -208,6 +208,8 @@ class DataConfig(Section):
     num_workers: int = value(1, low=0)  # loader processes, capped at the cores this process may use minus one
     check_images: bool = value(True)  # decode every image once before training so a bad file fails early
     skip_bad_rows: bool = value(False)
+    # merge labels that differ only by case or surrounding spaces ("Positive", "positive "); off: warned about
+    normalize_labels: bool = value(False)
     allow_outside_root: bool = value(False)  # accept image paths that resolve outside the manifest's folder
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -10,13 +11,26 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from mmpeft.data.manifest import DataError, Split, decode_image, raise_problems, where
+from mmpeft.data.manifest import DataError, Split, decode_image, label_variants, raise_problems, where
+
+logger = logging.getLogger(__name__)
 
 PADDING_POLICIES = ("longest", "max_length")
 
 
 def label_names_from(split: Split) -> list[str]:
-    """Sorted unique labels of the training split; a classifier needs at least two."""
+    """Sorted unique labels of the training split; a classifier needs at least two.
+
+    Labels that differ only by case or surrounding spaces are separate classes: each such group is warned about
+    (`read_split(..., normalize_labels=True)` merges them).
+    """
+    variants = label_variants(split.examples)
+    if variants:
+        groups = "; ".join(", ".join(f"{s!r} ({n} rows)" for s, n in sorted(spellings.items()))
+                           for spellings in variants.values())
+        logger.warning("%s: %d label(s) are spelled several ways and each spelling becomes its own class: %s. "
+                       "Fix the manifest, or set data.normalize_labels=true to merge them.", split.source,
+                       len(variants), groups)
     names = sorted({ex.label for ex in split.examples if ex.label is not None})
     if len(names) < 2:
         found = f"only the label '{names[0]}'" if names else "no labels"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader
@@ -55,7 +56,36 @@ def _read(path: str, data_cfg, *, label_names: list[str] | None, require_labels:
     return read_split(path, image_column=data_cfg.image_column, text_column=data_cfg.text_column,
                       label_column=data_cfg.label_column, require_labels=require_labels, label_names=label_names,
                       check_images=data_cfg.check_images, skip_bad_rows=data_cfg.skip_bad_rows,
-                      allow_outside_root=data_cfg.allow_outside_root, require_text=require_text)
+                      allow_outside_root=data_cfg.allow_outside_root, require_text=require_text,
+                      normalize_labels=data_cfg.normalize_labels)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: int) -> int:
+    """`data.num_workers`, capped at the cores left beside the main process; said once per process.
+
+    More workers than cores only adds process start-up and contention (torch warns about it). When fewer than two
+    cores are left, loading in the main process is faster than one worker competing with it (measured: 2 cores).
+    """
+    spare = available_cores() - 1
+    if requested <= spare:
+        return requested
+    capped = spare if spare >= 2 else 0
+    if (requested, capped) not in _CAPPED:
+        _CAPPED.add((requested, capped))
+        logger.warning("data.num_workers=%d but this process has %d CPU core(s): using %d loader worker(s)%s.",
+                       requested, spare + 1, capped, " (images decoded in the main process)" if not capped else "")
+    return capped
+
+
+_CAPPED: set[tuple[int, int]] = set()
 
 
 class _Tokenize:
@@ -88,10 +118,11 @@ def make_loader(split: Split, label_names: list[str] | None, backbone, data_cfg,
                                 augment_text=augment_text, tokenize=tokenize)
     collate = Collator(backbone.tokenizer.pad_token_id, backbone.text_padding, max_length)
     batch_size = data_cfg.batch_size if train else (data_cfg.eval_batch_size or data_cfg.batch_size)
+    workers = worker_count(data_cfg.num_workers)
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, collate_fn=collate, num_workers=data_cfg.num_workers,
+        dataset, batch_size=batch_size, shuffle=train, collate_fn=collate, num_workers=workers,
         # Training workers restart each epoch so they see the dataset's epoch (augmentation depends on it).
-        persistent_workers=data_cfg.num_workers > 0 and not train, drop_last=False,
+        persistent_workers=workers > 0 and not train, drop_last=False,
         # An own generator keeps worker seeding from drawing on the global RNG that dropout uses.
         generator=torch.Generator().manual_seed(seed),
     )

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,32 @@ class DatasetsImage:
 
 
 def decode_image(example: Example) -> Image.Image:
-    """Opens and fully decodes an example's image (callers decide how to treat decompression-bomb warnings)."""
+    """Opens and fully decodes an example's image as 8 bits per channel (callers decide how to treat
+    decompression-bomb warnings)."""
     img = example.load_image() if example.load_image is not None else Image.open(example.image)
     img.load()  # Image.open is lazy; truncation only shows up when the pixels are read
-    return img
+    return eight_bit(img, where(example))
+
+
+def eight_bit(img: Image.Image, name: str) -> Image.Image:
+    """A 16-bit or 32-bit grayscale image scaled to 8 bits ("L"); other modes unchanged.
+
+    PIL's `convert("RGB")` clips such pixels at 255 instead of scaling them, so a 16-bit PNG becomes a nearly
+    solid white picture. Integer images are 16-bit ranges (PNG, TIFF): divided by 257. Float images must hold
+    values in [0, 1]; anything else has no agreed scale and is refused, naming the file.
+    """
+    if img.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return img
+    import numpy as np
+
+    pixels = np.asarray(img, dtype=np.float64)
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    scale = 1.0 if img.mode == "F" else 65535.0
+    if low < 0 or high > scale:
+        raise DataError(f"{name}: a {img.mode} image with values from {low:g} to {high:g}; expected "
+                        f"{'a float image in [0, 1]' if img.mode == 'F' else '16-bit values (0-65535)'}: "
+                        "save it as an 8-bit or 16-bit PNG/JPEG")
+    return Image.fromarray(np.round(pixels * (255.0 / scale)).astype(np.uint8))
 
 
 def where(example: Example) -> str:
@@ -206,7 +229,7 @@ def _outside(path: str, root: str) -> bool:
 
 def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], has_labels: bool,
            require_labels: bool, label_names: list[str] | None, root: str | None,
-           require_text: bool = True) -> tuple[Example | None, list[str]]:
+           require_text: bool = True, normalize_labels: bool = False) -> tuple[Example | None, list[str]]:
     """Turns one raw record into an Example, or lists what is wrong with it; `root` None allows any image path."""
     if isinstance(record, str):
         return None, [record]
@@ -224,7 +247,14 @@ def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], 
              for role, value in (("text", text), ("label", label)) if role in wrong]
     label = None if not has_labels or _blank(label) or "label" in wrong else str(label)
     if label is not None and label_names is not None and label not in label_names:
-        errs.append(f"unknown label '{label}'; expected one of the training labels: {', '.join(label_names)}")
+        near = [n for n in label_names if label_key(n) == label_key(label)]
+        if normalize_labels and near:
+            label = near[0]
+        else:
+            hint = (f" ('{near[0]}' differs only by case or spaces: fix the row or set data.normalize_labels=true)"
+                    if near else "")
+            errs.append(f"unknown label '{label}'; expected one of the training labels: {', '.join(label_names)}"
+                        + hint)
     path = None
     if isinstance(image, str) and not _blank(image):
         path = os.path.abspath(os.path.join(base, os.path.expanduser(image)))
@@ -235,6 +265,31 @@ def _build(record: Any, row: int, source: str, base: str, cols: dict[str, str], 
         return None, errs
     loader = image if isinstance(image, DatasetsImage) else None
     return Example(path, "" if _blank(text) else str(text), label, row, source, loader), []
+
+
+def label_key(label: str) -> str:
+    """What two spellings of one class share: `"Positive"` and `"positive "` are the same key."""
+    return label.strip().casefold()
+
+
+def label_variants(examples: list[Example]) -> dict[str, Counter]:
+    """Keys spelled more than one way -> how many rows use each spelling."""
+    groups: dict[str, Counter] = {}
+    for ex in examples:
+        if ex.label is not None:
+            groups.setdefault(label_key(ex.label), Counter())[ex.label] += 1
+    return {key: spellings for key, spellings in groups.items() if len(spellings) > 1}
+
+
+def unify_labels(examples: list[Example]) -> dict[str, str]:
+    """Give every spelling of a class the one most rows use (stripped); returns spelling -> chosen name."""
+    renamed = {}
+    for spellings in label_variants(examples).values():
+        chosen = max(sorted(spellings), key=lambda s: spellings[s]).strip()
+        renamed.update({s: chosen for s in spellings if s != chosen})
+    for ex in examples:
+        ex.label = renamed.get(ex.label, ex.label)
+    return renamed
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -258,7 +313,8 @@ def _image_problem(example: Example, check_images: bool) -> str | None:
 def read_split(path: str | os.PathLike, *, image_column: str = "image", text_column: str = "text",
                label_column: str = "label", require_labels: bool = True, label_names: list[str] | None = None,
                check_images: bool = True, skip_bad_rows: bool = False, allow_outside_root: bool = False,
-               require_text: bool = True, column_options: dict[str, str] | None = None) -> Split:
+               require_text: bool = True, column_options: dict[str, str] | None = None,
+               normalize_labels: bool = False) -> Split:
     """Reads a manifest, checks every row and image, and returns the examples or raises one DataError.
 
     `require_text=False` (for heads that never read the caption: `prompt`, `image_only`) accepts a manifest
@@ -269,6 +325,8 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
 
     `column_options` (role -> option, e.g. {"image": "--image-column"}) is what a missing column's message tells the
     user to set; by default the `data.*_column` config keys.
+    `normalize_labels` merges labels that differ only by case or surrounding spaces (into the spelling most rows
+    use, or the training label's); without it they stay separate classes and `label_names_from` warns.
     """
     source = str(path)
     p = Path(path).expanduser()
@@ -296,8 +354,8 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
     has_labels = label_column in columns
 
     root = None if allow_outside_root else os.path.realpath(base)
-    built = [(row, *_build(rec, row, source, base, cols, has_labels, require_labels, label_names, root, require_text))
-             for row, rec in rows]
+    built = [(row, *_build(rec, row, source, base, cols, has_labels, require_labels, label_names, root, require_text,
+                           normalize_labels)) for row, rec in rows]
     candidates = [ex for _, ex, _ in built if ex is not None]
     with warnings.catch_warnings():
         # Set once around the pool: warning filters are process-global and not thread-safe to toggle per image.
@@ -319,4 +377,6 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
     if not skip_bad_rows:
         raise_problems(problems, f"{source}: {len(problems)} problem(s) in {len(skipped)} row(s) "
                                  f"(fix them, or set data.skip_bad_rows to drop these rows):")
+    if normalize_labels:
+        unify_labels(examples)
     return Split(examples, source, skipped if skip_bad_rows else [])

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ..data.dataset import Collator, encode_texts
+from ..data.manifest import eight_bit
 from ..errors import DataError, PathExistsError
 from ..models.classifier import FusionClassifier
 
@@ -52,12 +53,12 @@ def predict(model: FusionClassifier, images: list, texts: list[str]) -> Predicti
 def open_image(image) -> Image.Image:
     """An image path (or PIL image) as RGB; unreadable files and decompression bombs are a `DataError` naming it."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return eight_bit(image, "the given image").convert("RGB")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(image) as opened:
-                return opened.convert("RGB")
+                return eight_bit(opened, str(image)).convert("RGB")  # 16-bit PNGs scaled, not clipped white
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"Cannot read image {image}: PIL refuses it as a possible decompression bomb ({err}). Resize "
                         "it below PIL.Image.MAX_IMAGE_PIXELS, or raise that limit if you trust the file.") from None

@@ -26,6 +26,7 @@ from ..errors import (
     MergeError,  # noqa: F401  (raised here; importable from here too)
     PathExistsError,
 )
+from ..models.adapters import peft_wrap
 from ..models.classifier import FusionClassifier, build_classifier
 from ..models.saving import HEAD_WEIGHTS, load_adapter, read_manifest, save_adapter
 from ..quant import TORCH_DTYPES, dequantize_linears, quantized_modules
@@ -59,7 +60,7 @@ def to_full_precision(model: FusionClassifier) -> None:
     peft's quantized LoRA layers only work on bitsandbytes weights, so the adapter is taken off, the base
     dequantized, and the same adapter (config and weights) put back on the float32 base.
     """
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     peft_model = model.backbone
     if hasattr(peft_model, "peft_config"):
@@ -68,7 +69,7 @@ def to_full_precision(model: FusionClassifier) -> None:
         base = peft_model.unload()
         dequantize_linears(base, torch.float32)
         base.float()
-        peft_model = get_peft_model(base, config)
+        peft_model = peft_wrap(base, config)
         set_peft_model_state_dict(peft_model, state)
     else:
         dequantize_linears(peft_model, torch.float32)
@@ -115,6 +116,53 @@ def _classifier_from(folder: Path, config: Config, label_names: list[str], head_
     return classifier
 
 
+def written_files(folder: Path) -> list[str]:
+    """Every file under `folder`, as paths relative to it."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def check_destination(out_dir: Path, merged_dir: Path, *, overwrite: bool) -> None:
+    """Refuse a destination whose replacement would lose anything: the source run, or files merge did not write.
+
+    Both paths are resolved. `--overwrite` replaces only a folder an earlier merge wrote, and only if it holds
+    nothing but the files that merge recorded in its `merge_report.json`.
+    """
+    if merged_dir == out_dir or out_dir.is_relative_to(merged_dir) or merged_dir.is_relative_to(out_dir):
+        where = ("is" if merged_dir == out_dir else "contains" if out_dir.is_relative_to(merged_dir)
+                 else "lies inside")
+        raise PathExistsError(f"--to {merged_dir} {where} the run folder {out_dir}; replacing it would delete the "
+                              "adapter, checkpoints and metrics. Choose a folder outside the run, e.g. "
+                              f"{out_dir.parent / (out_dir.name + '-merged')}.")
+    if merged_dir.exists() and not merged_dir.is_dir():
+        raise PathExistsError(f"--to {merged_dir} is a file, not a folder; choose a folder.")
+    if not merged_dir.exists() or not any(merged_dir.iterdir()):
+        return
+    if not overwrite:
+        raise PathExistsError(f"{merged_dir} is not empty; choose another folder or pass --overwrite.")
+    try:
+        recorded = set(json.loads((merged_dir / REPORT).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PathExistsError(f"--overwrite: {merged_dir} is not a folder `mmpeft merge` wrote (no list of its files "
+                              f"in {REPORT}); it is left as it is. Choose another folder, or empty it yourself.") from None
+    foreign = sorted(set(written_files(merged_dir)) - recorded)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PathExistsError(f"--overwrite: {merged_dir} holds {len(foreign)} file(s) `mmpeft merge` did not write "
+                              f"({shown}); it is left as it is. Move them out or choose another folder.")
+
+
+def replace_folder(new: Path, destination: Path, aside: Path) -> None:
+    """Put `new` at `destination`: the old folder is moved aside first and deleted only once `new` is in place."""
+    if destination.exists():
+        destination.rename(aside)
+    try:
+        new.rename(destination)
+    except OSError:
+        if aside.exists():
+            aside.rename(destination)
+        raise
+
+
 def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = False, dtype: str = "float32",
           overwrite: bool = False) -> dict:
     """Merge the adapter in `out_dir` into its backbone and write a standalone folder to `merged_dir`.
@@ -124,9 +172,7 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
     written to `merged_dir/merge_report.json`: the largest logit difference against the unmerged model computed
     in float32, after the full-precision merge and, with `requantize`, after quantizing again.
     """
-    out_dir, merged_dir = Path(out_dir), Path(merged_dir)
-    if merged_dir.exists() and any(merged_dir.iterdir()) and not overwrite:
-        raise PathExistsError(f"{merged_dir} is not empty; choose another folder or pass --overwrite.")
+    out_dir, merged_dir = Path(out_dir).resolve(), Path(merged_dir).resolve()
     if dtype not in ("float32", "bfloat16", "float16"):
         raise MergeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}.")
     manifest = read_manifest(out_dir)
@@ -135,6 +181,7 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
         raise MergeError(f"`mmpeft merge` writes a transformers model folder; the {family.name!r} backbone of "
                          f"{out_dir} is not a transformers model. Load it with `mmpeft.load_adapter` and merge "
                          "with peft's `merge_and_unload()` in Python instead.")
+    check_destination(out_dir, merged_dir, overwrite=overwrite)  # before any work, as the checks above
     model = load_adapter(out_dir)
     source, config = model.source, model.config
     quant = source.quantization
@@ -153,6 +200,7 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
     head_state = load_file(out_dir / HEAD_WEIGHTS)
 
     merged_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling of the resolved destination: on the same file system (renames are atomic), never inside it.
     staging = Path(tempfile.mkdtemp(dir=merged_dir.parent, prefix=f".{merged_dir.name}-merging-"))
     try:
         full = staging / "full"
@@ -178,10 +226,9 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
         check = _classifier_from(final, final_config, model.label_names, head_state) if requantize else merged
         save_adapter(check, final, final_config, backbone_name=".", backbone_revision=None,
                      fingerprint=check.source.fingerprint)
+        report["files"] = sorted([*written_files(final), REPORT])
         (final / REPORT).write_text(json.dumps(report, indent=2))
-        if merged_dir.exists():
-            shutil.rmtree(merged_dir)
-        final.rename(merged_dir)
+        replace_folder(final, merged_dir, staging / "previous")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections import defaultdict
+import warnings
 
 from torch import nn
 
@@ -70,6 +71,19 @@ def build_lora_config(backbone: Backbone, cfg: ModelConfig):
     )
 
 
+def peft_wrap(model: nn.Module, lora_config) -> nn.Module:
+    """peft's `get_peft_model`, without the FutureWarning it triggers on every transformers model.
+
+    peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecated in favour of
+    `is_activation_checkpointing`; the warning is about peft's code, not the user's, so it is silenced here only.
+    """
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config)
+
+
 def attach_adapters(backbone: Backbone, cfg: ModelConfig, lora_config=None) -> nn.Module:
     """Wrap the backbone with peft as the tower modes ask; frozen everywhere else.
 
@@ -77,13 +91,11 @@ def attach_adapters(backbone: Backbone, cfg: ModelConfig, lora_config=None) -> n
     saved when the presets differed gets exactly its own target modules, ranks and `modules_to_save` back.
     Returns the `PeftModel`, or the untouched (frozen) model when both towers are frozen.
     """
-    from peft import get_peft_model
-
     lora_config = lora_config or build_lora_config(backbone, cfg)
     if lora_config is None:
         return backbone.model
     try:
-        model = get_peft_model(backbone.model, lora_config)
+        model = peft_wrap(backbone.model, lora_config)
     except ValueError as err:
         raise ConfigError(f"peft could not attach the adapter to {backbone.name!r}: {err}") from None
     pin_mha_base_weights(model)
@@ -148,22 +160,62 @@ def _restore_mha_weights(layer: nn.Module, args, output) -> None:
 
 
 def lora_module_names(model: nn.Module) -> list[str]:
-    """Names (relative to the unwrapped model) of the modules that carry a LoRA layer."""
+    """Names of the modules that carry a LoRA layer, relative to the unwrapped backbone model
+    (`text_model.encoder.layers.0.self_attn.q_proj`), whether given the `PeftModel` or a classifier holding it."""
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."
-    return sorted(n.removeprefix(prefix) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    return sorted(n.split(prefix, 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer))
 
 
-def trainable_report(model: nn.Module, family: BackboneFamily) -> dict[str, dict[str, int]]:
-    """Trainable and total parameter counts per part: text, vision, head, other."""
-    report: dict[str, dict[str, int]] = defaultdict(lambda: {"trainable": 0, "total": 0})
+def weight_count(param: nn.Parameter) -> int:
+    """How many weights a parameter holds: a bitsandbytes 4-bit tensor packs two per byte (its shape is the
+    packed storage, `quant_state.shape` the weight's)."""
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
+
+
+def trainable_report(model: nn.Module, family: BackboneFamily | None = None) -> dict[str, dict[str, float]]:
+    """Trainable and total weights per part: text, vision, head, and `other` only when something there trains.
+
+    Each part has `trainable`, `total` and `percent` (trainable share of the part). Quantized weights count as
+    weights, not packed bytes. `family` defaults to the model's own (`model.family`).
+    """
+    family = family or getattr(model, "family", None)
+    if family is None:
+        raise TypeError(f"trainable_report: {type(model).__name__} has no `.family`; pass the backbone family.")
+    report: dict[str, dict[str, float]] = {part: {"trainable": 0, "total": 0} for part in ("text", "vision", "head")}
+    report["other"] = {"trainable": 0, "total": 0}
     for name, param in model.named_parameters():
         if ".original_module." in name:
             continue  # a full tower's frozen original: the trained copy beside it is what counts
         plain = name.removeprefix("backbone.").removeprefix("base_model.model.").replace(".modules_to_save.default", "")
         part = "head" if name.startswith("head.") else (family.tower_of(plain) or "other")
-        report[part]["total"] += param.numel()
+        count = weight_count(param)
+        report[part]["total"] += count
         if param.requires_grad:
-            report[part]["trainable"] += param.numel()
-    return dict(report)
+            report[part]["trainable"] += count
+    if not report["other"]["trainable"]:
+        del report["other"]  # CLIP's logit_scale and the like: frozen, and not what anyone asks about
+    for counts in report.values():
+        counts["percent"] = round(100 * counts["trainable"] / counts["total"], 3) if counts["total"] else 0.0
+    return report
+
+
+def format_trainable(report: dict[str, dict[str, float]]) -> str:
+    """One line for the log: `trainable parameters: text 36,864 / 1.02M (3.61%), vision ..., all ...`."""
+    def part(name: str, trainable: float, total: float) -> str:
+        share = 100 * trainable / total if total else 0.0
+        return f"{name} {int(trainable):,} / {_short_count(total)} ({share:.2f}%)"
+
+    parts = [part(name, c["trainable"], c["total"]) for name, c in report.items() if c["total"]]
+    trainable, total = (sum(c[k] for c in report.values()) for k in ("trainable", "total"))
+    return "trainable parameters: " + ", ".join(parts + [part("all", trainable, total)])
+
+
+def _short_count(n: float) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{int(n)}"

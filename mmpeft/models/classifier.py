@@ -85,13 +85,29 @@ class FusionClassifier(DualTowers):
         return TowerOutput(out.pooled.to(param.dtype), out.tokens.to(param.dtype), out.mask)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_loss: bool = False, **_: object):
+        """Class logits (B, C); with `return_loss=True` a transformers `SequenceClassifierOutput(loss, logits)`.
+
+        As with `CLIPModel(..., return_loss=True)`, the loss is asked for: batches carry `labels` (and `index`),
+        and `model(**batch)` returns the logits tensor that training, evaluation, merge and predict use. The loss
+        is the mean cross-entropy in float32 over rows whose label is not -1 (unlabelled rows); the training loop
+        computes its own (class weights, label smoothing).
+        """
         if self.head.encodes_prompts and self.head.class_embeds is None:
             text = self.encode_text(self.prompt_ids, self.prompt_mask)
         else:
             text = self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
         image = self.encode_image(pixel_values) if self.head.uses_image else None
-        return self.head(self._for_head(text), self._for_head(image))
+        logits = self.head(self._for_head(text), self._for_head(image))
+        if not return_loss:
+            return logits
+        if labels is None:
+            raise ValueError("FusionClassifier(return_loss=True) needs `labels` (class ids, -1 for unlabelled rows).")
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        loss = nn.functional.cross_entropy(logits.float(), labels.to(logits.device), ignore_index=-1)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

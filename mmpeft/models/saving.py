@@ -204,7 +204,8 @@ def _load(out_dir: Path, task: str, *, base: str | None, device: str | torch.dev
     location = base or backbone_location(out_dir, recorded["name"])
     backbone = load_backbone(location, family=recorded["family"], revision=recorded["revision"],
                              dtype=config.model.dtype, quantization=config.model.quantization,
-                             device=device, trust_pickle_weights=trust_pickle_weights)
+                             device=device, trust_pickle_weights=trust_pickle_weights,
+                             allow_random_init=config.model.allow_random_init)  # as trained: recorded, seeded
     if backbone.fingerprint != recorded["fingerprint"]:
         raise BackboneError(
             f"The adapter in {out_dir} was trained on {recorded['name']!r} (weights fingerprint "

@@ -22,7 +22,7 @@ from ..backbones import load_backbone
 from ..config import Config
 from ..data.loaders import build_dataloaders
 from ..errors import TrainingError
-from ..models.adapters import trainable_report
+from ..models.adapters import format_trainable, trainable_report
 from ..models.saving import save_adapter
 from .checkpoints import (
     LoopState,
@@ -99,14 +99,14 @@ def setup(cfg: Config) -> Run:
     with accelerator.main_process_first():  # one process builds caches (embedded backbone and data) first
         backbone = load_backbone(cfg.model.name, family=cfg.model.family, revision=cfg.model.revision,
                                  dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights,
-                                 quantization=cfg.model.quantization)  # quantized while loading: lower peak
+                                 quantization=cfg.model.quantization,  # quantized while loading: lower peak
+                                 allow_random_init=cfg.model.allow_random_init)
         data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed, task=cfg.task,
                                  require_text=task.needs_text())
     model = task.build_model(backbone, data)
-    parameters = trainable_report(model, backbone.family)
+    parameters = trainable_report(model)
     accelerator.print(f"backbone {backbone.name} ({backbone.family.name}), {task.describe(data)}")
-    accelerator.print("trainable parameters: " + ", ".join(
-        f"{part} {p['trainable']:,}/{p['total']:,}" for part, p in parameters.items()))
+    accelerator.print(f"trainable parameters: {format_trainable(parameters)}")
     run = Run(cfg=cfg, out=out, accelerator=accelerator, task=task, backbone=backbone, data=data, model=model,
               loaders={}, parameters=parameters, state=LoopState(settings=resume_settings(flat_config(cfg.to_dict()))),
               stopper=EarlyStopping(cfg.train.metric_for_best, cfg.train.early_stopping_patience))
