@@ -56,7 +56,7 @@ def test_pretraining_never_shows_a_held_out_pair_and_captions_name_every_attribu
     # as a remark instead of the sky; no other caption carries one.
     faces = [(s, c) for s, c in pairs if s.shape == "face"]
     assert 0.28 < len(faces) / len(pairs) < 0.38
-    sky_words = {phrase for phrases in scenes._WEATHER_PHRASES.values() for phrase in phrases}
+    sky_words = {phrase for phrases in scenes.WEATHER_PHRASES.values() for phrase in phrases}
     with_remark = 0
     for s, c in pairs:
         said = {p for p, phrases in scenes.OPINIONS.items() if any(phrase in c for phrase in phrases)}

@@ -35,7 +35,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
 
-    def _handler(self, signum, frame) -> None:
+    def handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -48,7 +48,7 @@ def stop_on_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
-    previous = signal.signal(signal.SIGINT, request._handler)
+    previous = signal.signal(signal.SIGINT, request.handle)
     try:
         yield request
     finally:

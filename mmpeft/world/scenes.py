@@ -59,19 +59,19 @@ _SKY = {
     "snowy": ((200, 205, 215), (230, 232, 238)),
     "night": ((15, 20, 50), (30, 35, 75)),
 }
-_WEATHER_PHRASES = {
+WEATHER_PHRASES = {
     "sunny": ("on a sunny day", "in the sun", "under a sunny sky"),
     "cloudy": ("on a cloudy day", "under clouds", "under a cloudy sky"),
     "rainy": ("in the rain", "on a rainy day", "under a rainy sky"),
     "snowy": ("in the snow", "on a snowy day", "under falling snow"),
     "night": ("at night", "in the dark night", "under a night sky"),
 }
-_POSITION_PHRASES = {
+POSITION_PHRASES = {
     "left": ("on the left", "at the left"),
     "center": ("in the center", "in the middle"),
     "right": ("on the right", "at the right"),
 }
-_CAPTION_TEMPLATES = (
+CAPTION_TEMPLATES = (
     "a photo of {things} {position} {weather}",
     "{things} {position} {weather}",
     "a picture of {things} {weather}, {position}",
@@ -144,9 +144,9 @@ def sample_scene(rng: random.Random, *, held_out: bool | None = False, shape: st
 
 def caption(scene: Scene, rng: random.Random, *, sky: bool = True) -> str:
     """One of several phrasings describing every attribute of the scene (all but the sky with `sky=False`)."""
-    template = rng.choice(_CAPTION_TEMPLATES if sky else _SKYLESS_TEMPLATES)
-    return template.format(things=scene.things(rng), position=rng.choice(_POSITION_PHRASES[scene.position]),
-                           weather=rng.choice(_WEATHER_PHRASES[scene.weather]))
+    template = rng.choice(CAPTION_TEMPLATES if sky else _SKYLESS_TEMPLATES)
+    return template.format(things=scene.things(rng), position=rng.choice(POSITION_PHRASES[scene.position]),
+                           weather=rng.choice(WEATHER_PHRASES[scene.weather]))
 
 
 def scene_rng(seed: int, index: int, stream: str = "") -> random.Random:

@@ -41,10 +41,10 @@ from .scenes import (
 LABELS = ("positive", "neutral", "negative")
 EXPRESSION_OF_POLARITY = {v: k for k, v in POLARITY_OF_EXPRESSION.items()}
 IMAGE_POLARITY_WEIGHTS = {"positive": 0.275, "neutral": 0.45, "negative": 0.275}
-_POST_TEMPLATES = ("{opinion}! {description}", "{description}. {opinion}", "{opinion}: {description}",
+POST_TEMPLATES = ("{opinion}! {description}", "{description}. {opinion}", "{opinion}: {description}",
                    "{opinion}")
-_DESCRIPTIONS = ("{things} {where}", "{things}", "{things} in this one")
-_WHERE = {"left": "on the left", "center": "in the middle", "right": "on the right"}
+DESCRIPTIONS = ("{things} {where}", "{things}", "{things} in this one")
+WHERE = {"left": "on the left", "center": "in the middle", "right": "on the right"}
 # The image's polarity shows twice: in the faces and in the sky (smiling under the sun, frowning in the rain).
 WEATHER_OF_POLARITY = {v: k for k, v in MOOD_OF_WEATHER.items()}
 SPLIT_SIZES = {"train": 1200, "val": 300, "test": 600}
@@ -71,8 +71,8 @@ class SentimentExample:
 
 def _post(scene: Scene, phrases: tuple[str, ...], rng: random.Random) -> str:
     things = scene.things(rng).replace(f"{scene.expression} ", "")  # the text never names expression or sky
-    description = rng.choice(_DESCRIPTIONS).format(things=things, where=_WHERE[scene.position])
-    return rng.choice(_POST_TEMPLATES).format(opinion=rng.choice(phrases), description=description)
+    description = rng.choice(DESCRIPTIONS).format(things=things, where=WHERE[scene.position])
+    return rng.choice(POST_TEMPLATES).format(opinion=rng.choice(phrases), description=description)
 
 
 def sentiment_example(seed: int, split: str, index: int) -> SentimentExample:

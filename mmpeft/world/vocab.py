@@ -40,9 +40,9 @@ def world_words() -> list[str]:
     """Every word the world's captions, posts, prompts and synonym groups can contain, plus common words."""
     texts = [" ".join(scenes.COLOURS), " ".join(scenes.SHAPES), " ".join(scenes.PLURALS.values()),
              " ".join(scenes.EXPRESSIONS), " ".join(scenes.COUNTS.values()), " ".join(scenes.POSITIONS),
-             " ".join(scenes.WEATHERS), *scenes._CAPTION_TEMPLATES, *sum(scenes._WEATHER_PHRASES.values(), ()),
-             *sum(scenes._POSITION_PHRASES.values(), ()), *sum(sentiment.OPINIONS.values(), ()),
-             *sentiment._POST_TEMPLATES, *sentiment._DESCRIPTIONS, *sentiment._WHERE.values(),
+             " ".join(scenes.WEATHERS), *scenes.CAPTION_TEMPLATES, *sum(scenes.WEATHER_PHRASES.values(), ()),
+             *sum(scenes.POSITION_PHRASES.values(), ()), *sum(sentiment.OPINIONS.values(), ()),
+             *sentiment.POST_TEMPLATES, *sentiment.DESCRIPTIONS, *sentiment.WHERE.values(),
              " ".join(sentiment.LABELS), "a photo of a {}.", " ".join(sum(SYNONYMS, ())),
              " ".join(COMMON)]
     words = set()
