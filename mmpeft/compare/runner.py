@@ -250,7 +250,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser, default_base: str | N
     parser.add_argument("--out", default="out/compare", help="output folder (runs/, data/, results.*, *.png)")
     parser.add_argument("--base", default=default_base, help="base YAML config every configuration overrides"
                         + (f" (default: configs/{Path(default_base).name} beside the recipe)" if default_base
-                           else " (default: the built-in defaults)"))
+                           else " (default: the built-in defaults, the values of "
+                                "recipes/configs/embedded_sentiment.yaml)"))
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test budget: 4 steps, small data, seed 0 and shots 1,4 unless given")
     parser.add_argument("--timeout", type=float, help="seconds per run before it is killed and recorded as failed")
