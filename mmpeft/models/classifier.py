@@ -36,6 +36,7 @@ class DualTowers(nn.Module):
         self.backbone = backbone
         self.family = family
         self.tower_modes = dict(tower_modes)
+        self.all_towers_with_grad = False
 
     @property
     def base(self) -> nn.Module:
@@ -44,7 +45,20 @@ class DualTowers(nn.Module):
         return get() if get else self.backbone
 
     def _grad_context(self, tower: str):
-        return torch.no_grad() if self.tower_modes[tower] == "frozen" else contextlib.nullcontext()
+        if self.tower_modes[tower] == "frozen" and not self.all_towers_with_grad:
+            return torch.no_grad()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def gradients_everywhere(self):
+        """Run every tower with autograd, frozen ones included, inside this block: explanations need gradients
+        with respect to inputs and activations, not trainable weights."""
+        before, self.all_towers_with_grad = self.all_towers_with_grad, True
+        try:
+            with torch.enable_grad():
+                yield self
+        finally:
+            self.all_towers_with_grad = before
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
         with self._grad_context("text"):
@@ -83,14 +97,25 @@ class FusionClassifier(DualTowers):
             return out
         return TowerOutput(out.pooled.to(param.dtype), out.tokens.to(param.dtype), out.mask)
 
+    def text_features(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+                      ) -> TowerOutput | None:
+        """What the head reads of the text: the captions' encoding, the class prompts' (a prompt head that
+        re-encodes them every step), or None."""
+        if isinstance(self.head, PromptHead) and self.head.class_embeds is None:
+            return self.encode_text(self.prompt_ids, self.prompt_mask)
+        return self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
+
+    def image_features(self, pixel_values: torch.Tensor | None) -> TowerOutput | None:
+        return self.encode_image(pixel_values) if self.head.uses_image else None
+
+    def fuse(self, text: TowerOutput | None, image: TowerOutput | None) -> torch.Tensor:
+        """Class logits from tower outputs: the towers and the head can run apart (explanations batch each tower
+        over its own inputs)."""
+        return self.head(self._for_head(text), self._for_head(image))
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, **_: object) -> torch.Tensor:
-        if isinstance(self.head, PromptHead) and self.head.class_embeds is None:
-            text = self.encode_text(self.prompt_ids, self.prompt_mask)
-        else:
-            text = self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
-        image = self.encode_image(pixel_values) if self.head.uses_image else None
-        return self.head(self._for_head(text), self._for_head(image))
+        return self.fuse(self.text_features(input_ids, attention_mask), self.image_features(pixel_values))
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
