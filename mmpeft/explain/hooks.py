@@ -6,7 +6,9 @@ feature map (Grad-CAM) and the token embeddings (gradient x input), captured by 
 * `nn.MultiheadAttention` (open_clip, SigLIP's attention-pooling head, mmpeft's cross-attention head) is called with
   `need_weights=False` or averaged heads: a forward pre-hook asks it for per-head weights. With `need_weights=True`
   torch computes the weights explicitly and multiplies the values by that very tensor, so the returned weights carry
-  the true gradient (peft's LoRA wrapper passes the keyword through to the layer it wraps).
+  the true gradient - but it returns them as a view `(B, H, L, S)` of the `(B*H, L, S)` tensor it used, and
+  autograd hands gradients to the tensor used, not to the view: `gradients_to_views` copies them over after
+  `backward` (`Tensor._base` is the view's base). peft's LoRA wrapper passes the keywords through to the layer.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class TowerRecorder:
             weights = weights if weights.dim() == 4 else weights.unsqueeze(1)
             if weights.requires_grad:
                 weights.retain_grad()
+                base = weights._base
+                if base is not None and base.requires_grad:
+                    base.retain_grad()
             self.attentions.append(weights)
 
     def _on_output(self, module, args, output):
@@ -82,7 +87,7 @@ class TowerRecorder:
     def _on_embedding(self, module, args, output):
         leaf = output.detach().requires_grad_(True)
         self.embeddings = leaf
-        return leaf
+        return leaf.clone()  # BLIP adds position embeddings in place, which a leaf forbids
 
     def __enter__(self) -> TowerRecorder:
         for module in self.root.modules():
@@ -100,6 +105,13 @@ class TowerRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def gradients_to_views(self) -> None:
+        """After `backward`: give each kept view the gradient its base tensor received (see the module docstring)."""
+        for weights in self.attentions:
+            base = weights._base
+            if weights.grad is None and base is not None and base.grad is not None:
+                weights.grad = base.grad.reshape(weights.shape)
 
     def self_attentions(self) -> list[torch.Tensor]:
         """The square maps (self-attention layers), in forward order."""

@@ -79,43 +79,40 @@ def _tokens(ax, tokens: list[str], special: list[bool], scores: np.ndarray, titl
         text = ax.text(x, y, token, fontsize=9, transform=ax.transAxes, va="center",
                        bbox={"boxstyle": "round,pad=0.15", "fc": cmap(0.1 + 0.8 * strength), "ec": "none"},
                        color="white" if strength > 0.6 else "black")
-        x += 0.012 * (len(token) + 2)
-        if x > 0.92:
-            x, y = 0.0, y - 0.45
+        x += 0.0105 * (len(token) + 1.5)
+        if x > 0.9:
+            x, y = 0.0, y - 0.5
     return text
 
 
 def saliency_gallery(entries: list[dict], path: Path, title: str) -> Path:
-    """One row per example: the image, each image map over it, and the caption's tokens by text relevance."""
+    """One row per example: the image, each image map over it, and below the caption's tokens by text relevance."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    methods = sorted({m for e in entries for m in e["saliency"].image}, key=["relevance", "rollout", "gradcam",
-                                                                            "gradxinput"].index)
+    order = ["relevance", "rollout", "gradcam", "gradxinput"]
+    methods = sorted({m for e in entries for m in e["saliency"].image}, key=order.index)
     cols = 1 + len(methods)
-    fig = _figure(2.1 * cols + 0.8, 2.9 * len(entries))
-    grid = fig.subplots(len(entries) * 2, cols, gridspec_kw={"height_ratios": [4, 1] * len(entries)}, squeeze=False)
+    fig = _figure(2.2 * cols + 1.2, 3.0 * len(entries) + 0.4)
+    grid = fig.add_gridspec(len(entries) * 2, cols + 1, height_ratios=[4, 1] * len(entries),
+                            width_ratios=[1] * cols + [0.08])
     for r, entry in enumerate(entries):
         sal, image = entry["saliency"], entry["image"]
-        ax = grid[2 * r, 0]
+        ax = fig.add_subplot(grid[2 * r, 0])
         ax.imshow(image)
         ax.axis("off")
-        ax.set_title(f"row {entry['row']}: true {entry['label']}\npred {entry['pred']} ({entry['confidence']:.2f})"
-                     + (f", {entry['group']}" if entry.get("group") else ""), fontsize=8)
+        ax.set_title(f"row {entry['row']}: true {entry['label']}, predicted\n{entry['pred']} "
+                     f"(p={entry['confidence']:.2f})" + (f", {entry['group']}" if entry.get("group") else ""),
+                     fontsize=8)
         for c, method in enumerate(methods, start=1):
             if method in sal.image:
-                _overlay(grid[2 * r, c], image, sal.image[method], method)
-            else:
-                grid[2 * r, c].axis("off")
-        for c in range(cols):
-            grid[2 * r + 1, c].axis("off")
+                _overlay(fig.add_subplot(grid[2 * r, c]), image, sal.image[method], f"image {method}")
         text_method = next((m for m in ("relevance", "gradxinput") if m in sal.text), None)
-        text_ax = grid[2 * r + 1, 0]
         if text_method:
-            _tokens(text_ax, sal.tokens, sal.special, sal.text[text_method], f"text {text_method}: "
-                    + entry["text"][:90])
-    fig.colorbar(ScalarMappable(Normalize(0, 1), "inferno"), ax=grid[:, -1].tolist(), shrink=0.6,
-                 label="relevance (per map, scaled to [0, 1])")
+            _tokens(fig.add_subplot(grid[2 * r + 1, :cols]), sal.tokens, sal.special, sal.text[text_method],
+                    f"text {text_method} over the caption's tokens (darker = more relevant)")
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "inferno"), cax=fig.add_subplot(grid[:2, cols]),
+                 label="relevance (each map scaled to [0, 1])")
     fig.suptitle(title)
     fig.savefig(path)
     return path

@@ -184,6 +184,8 @@ def saliency_batch(model, batch: dict[str, torch.Tensor], targets: torch.Tensor 
             logits = model.fuse(text, image).float()
         targets = logits.argmax(-1) if targets is None else targets.to(logits.device)
         logits.gather(1, targets[:, None]).sum().backward()
+        for rec in (text_rec, image_rec, head_rec):
+            rec.gradients_to_views()
     probs = torch.softmax(logits.detach(), -1).cpu()
     out = [Saliency(int(t), p.tolist()) for t, p in zip(targets.cpu(), probs)]
     if head.uses_image:
