@@ -153,12 +153,13 @@ def _make_fewshot(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     """Modality contribution, saliency, calibration and errors of a saved classifier, as a report folder."""
-    from .explain.report import explain_run, parse_sections
-    from .models.saving import load_adapter, read_manifest
+    from .explain.report import check_budget, explain_run, parse_sections
+    from .models.saving import load_adapter
 
-    parse_sections(args.methods)  # a bad --methods fails before the model loads
-    if Path(args.adapter).is_dir() and read_manifest(args.adapter)["config"].get("task") == "retrieval":
-        raise ConfigError(f"{args.adapter} holds a retrieval model; `mmpeft explain` explains classifiers.")
+    parse_sections(args.methods)  # bad flags fail before the model loads
+    check_budget(examples=args.examples, permutations=args.permutations,
+                 shapley_permutations=args.shapley_permutations, shapley_examples=args.shapley_examples,
+                 image_baseline=args.image_baseline)
     model = load_adapter(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
     out = args.out or str(Path(args.adapter) / "explain")
     result = explain_run(model, args.data, out, examples=args.examples, methods=args.methods,

@@ -230,11 +230,17 @@ def test_explain_command_writes_the_report(clip_model, tmp_path, sixteen_example
     assert main(["explain", "--adapter", str(run), "--data", str(sixteen_examples), "--out", str(tmp_path / "r2"),
                  "--rows", "99"]) == 2
     assert "no such rows" in capsys.readouterr().err
+    assert main(["explain", "--adapter", str(run), "--data", str(sixteen_examples), "--permutations", "0",
+                 "--shapley-examples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--permutations must be >= 1, got 0" in err and "--shapley-examples must be >= 1, got 0" in err
 
 
 def test_rule_of_the_embedded_task_is_recovered(tmp_path):
-    """After a short fine-tune of the shipped tiny CLIP: image share dominates on image-decided examples and text
-    share on text-decided ones, by permutation and by Shapley shares (`both` is shown, not asserted)."""
+    """After a short fine-tune of the shipped tiny CLIP, by permutation: the image dominates on image-decided examples
+    and the text on text-decided ones. By Shapley shares (predicted-class logit, mean-pixel masking) the image share
+    dominates on image-decided examples and the text share is higher on text-decided ones; it hovers at 0.5 there
+    (0.48-0.51 by sample), so its dominance is not asserted (docs/explain.md says why). `both` is shown only."""
     import mmpeft
     from mmpeft.world import write_sentiment
 
@@ -246,11 +252,12 @@ def test_rule_of_the_embedded_task_is_recovered(tmp_path):
     mmpeft.train(cfg)
     model = load_adapter(tmp_path / "run")
     result = explain_run(model, str(paths["test"]), tmp_path / "explain", methods="contribution", permutations=5,
-                         shapley_permutations=4, shapley_examples=150, progress=False)
+                         shapley_permutations=4, shapley_examples=60, progress=False)
     perm = result["contribution"]["permutation"]["subsets"]
     shap = result["contribution"]["shapley"]["subsets"]
     image, text = perm["decided_by=image"], perm["decided_by=text"]
     assert image["image"]["changed_mean"] > image["text"]["changed_mean"] + 0.3
     assert text["text"]["changed_mean"] > text["image"]["changed_mean"] + 0.2
-    assert shap["decided_by=image"]["t_shap"] < 0.5 < shap["decided_by=text"]["t_shap"]
+    assert shap["decided_by=image"]["t_shap"] < 0.45
+    assert shap["decided_by=text"]["t_shap"] > shap["decided_by=image"]["t_shap"] + 0.05
     assert "decided_by=both" in (tmp_path / "explain" / "report.md").read_text()

@@ -86,7 +86,7 @@ def gate_weights(split: ExplainSplit, encoded: Encoded) -> dict | None:
             for name, idx in _subsets(split).items() if len(idx)}
 
 
-SCORES = ("logit", "centred_logit", "log_prob")
+SCORES = ("logit", "centred_logit", "log_prob", "prob")
 
 
 def score_of(logits: torch.Tensor, target: int, score: str) -> torch.Tensor:
@@ -96,6 +96,8 @@ def score_of(logits: torch.Tensor, target: int, score: str) -> torch.Tensor:
         return logits[..., target]
     if score == "centred_logit":
         return logits[..., target] - logits.mean(-1)
+    if score == "prob":
+        return torch.softmax(logits, -1)[..., target]
     return torch.log_softmax(logits, -1)[..., target]
 
 

@@ -43,7 +43,7 @@ def contribution_chart(contribution: dict, subsets: list[str], path: Path) -> Pa
                         f"{shapley['examples']} examples)")
         right.set_ylim(0, 1)
         right.set_ylabel("share of |Shapley value|")
-        right.legend(loc="upper right", fontsize=8)
+        right.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     for ax in (left, right):
         ax.set_xticks(x, [s.replace("decided_by=", "decided by ") for s in subsets], rotation=30, ha="right")
     fig.savefig(path)
@@ -79,7 +79,7 @@ def _tokens(ax, tokens: list[str], special: list[bool], scores: np.ndarray, titl
         text = ax.text(x, y, token, fontsize=9, transform=ax.transAxes, va="center",
                        bbox={"boxstyle": "round,pad=0.15", "fc": cmap(0.1 + 0.8 * strength), "ec": "none"},
                        color="white" if strength > 0.6 else "black")
-        x += 0.0105 * (len(token) + 1.5)
+        x += 0.0078 * (len(token) + 1.5)
         if x > 0.9:
             x, y = 0.0, y - 0.5
     return text
@@ -127,6 +127,10 @@ def reliability_chart(calibration: dict, path: Path) -> Path:
     left.bar(centres, [b["accuracy"] for b in bins], width * 0.9, color=TEXT_COLOUR, label="accuracy in bin")
     left.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     left.scatter(centres, [b["confidence"] for b in bins], color="black", s=12, zorder=3, label="mean confidence")
+    for centre, b in zip(centres, bins):
+        left.text(centre, min(b["accuracy"], 0.93) + 0.02, f"n={b['count']}", ha="center", fontsize=7, rotation=90)
+    left.set_xlim(0, 1)
+    left.set_ylim(0, 1.08)
     left.set_xlabel("confidence (max softmax probability)")
     left.set_ylabel("accuracy")
     left.set_title(f"Reliability diagram (ECE {calibration['reliability']['ece']:.4f}, "

@@ -25,6 +25,19 @@ def parse_sections(methods: str) -> tuple[str, ...]:
     return wanted
 
 
+def check_budget(*, examples: int, permutations: int, shapley_permutations: int, shapley_examples: int | None,
+                 image_baseline: str) -> None:
+    """Every bad number at once, before anything loads or runs."""
+    problems = [f"{flag} must be {rule}, got {value}" for flag, value, ok, rule in (
+        ("--examples", examples, examples >= 0, ">= 0"),
+        ("--permutations", permutations, permutations >= 1, ">= 1"),
+        ("--shapley-permutations", shapley_permutations, shapley_permutations >= 0, ">= 0 (0 skips Shapley)"),
+        ("--shapley-examples", shapley_examples, shapley_examples is None or shapley_examples >= 1, ">= 1"),
+        ("--image-baseline", image_baseline, image_baseline in ("mean", "data"), "'mean' or 'data'")) if not ok]
+    if problems:
+        raise ConfigError("mmpeft explain: " + "; ".join(problems) + ".")
+
+
 def _subset_order(split: ExplainSplit, contribution: dict) -> list[str]:
     names = list(contribution["permutation"]["subsets"])
     return [n for n in names if n == "overall" or n.startswith("class=")] + \
@@ -114,6 +127,8 @@ def explain_run(model, data: str | ExplainSplit, out_dir: str | Path, *, example
                 ) -> dict:
     """Explain a loaded classifier on a labelled manifest and write the report into `out_dir`."""
     sections = parse_sections(methods)
+    check_budget(examples=examples, permutations=permutations, shapley_permutations=shapley_permutations,
+                 shapley_examples=shapley_examples, image_baseline=image_baseline)
     out = Path(out_dir)
     if (out / "explain.json").exists() and not overwrite:
         raise PathExistsError(f"{out} already holds a report (explain.json); pass --overwrite or another --out.")
