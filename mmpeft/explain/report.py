@@ -34,6 +34,10 @@ def check_budget(*, examples: int, permutations: int, shapley_permutations: int,
         ("--shapley-permutations", shapley_permutations, shapley_permutations >= 0, ">= 0 (0 skips Shapley)"),
         ("--shapley-examples", shapley_examples, shapley_examples is None or shapley_examples >= 1, ">= 1"),
         ("--image-baseline", image_baseline, image_baseline in ("mean", "data"), "'mean' or 'data'")) if not ok]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        problems.append("the report's figures need matplotlib: pip install 'mmpeft[explain]'")
     if problems:
         raise ConfigError("mmpeft explain: " + "; ".join(problems) + ".")
 
