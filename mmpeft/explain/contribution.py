@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..backbones.registry import TowerOutput
+from ..errors import ConfigError
 from ..training.metrics import classification_metrics
 from .split import Encoded, ExplainSplit
 
@@ -98,7 +99,9 @@ def score_of(logits: torch.Tensor, target: int, score: str) -> torch.Tensor:
         return logits[..., target] - logits.mean(-1)
     if score == "prob":
         return torch.softmax(logits, -1)[..., target]
-    return torch.log_softmax(logits, -1)[..., target]
+    if score == "log_prob":
+        return torch.log_softmax(logits, -1)[..., target]
+    raise ConfigError(f"Shapley score {score!r} is not one of {', '.join(SCORES)}.")
 
 
 # --- Shapley shares ---------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def explain_run(model, data: str | ExplainSplit, out_dir: str | Path, *, example
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     encoded = encode_split(model, split, progress=progress)
-    result = {"adapter": str(getattr(model, "source", None) and model.source.name), "data": split.source,
+    result = {"backbone": model.source.name, "data": split.source,
               "examples": len(split.labels), "family": model.family.name, "head": model.config.head.type,
               "label_names": split.label_names, "group_column": split.group_column, "sections": list(sections)}
     figures: dict[str, str] = {}
