@@ -263,6 +263,27 @@ def _make_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    """Modality contribution, saliency, calibration and errors of a saved classifier, as a report folder."""
+    from .explain.report import check_budget, explain_run, parse_sections
+    from .models.saving import load_adapter
+
+    parse_sections(args.methods)  # bad flags fail before the model loads
+    check_budget(examples=args.examples, permutations=args.permutations,
+                 shapley_permutations=args.shapley_permutations, shapley_examples=args.shapley_examples,
+                 image_baseline=args.image_baseline)
+    model = load_adapter(args.adapter, base=args.base, trust_pickle_weights=args.trust_pickle_weights)
+    out = args.out or str(Path(args.adapter) / "explain")
+    result = explain_run(model, args.data, out, examples=args.examples, methods=args.methods,
+                         rows=tuple(args.rows or ()), permutations=args.permutations,
+                         shapley_permutations=args.shapley_permutations, shapley_examples=args.shapley_examples,
+                         image_baseline=args.image_baseline, batch_size=args.batch_size, seed=args.seed,
+                         progress=not args.no_progress, overwrite=args.overwrite, group_column=args.group_column)
+    print(f"report written to {out}/report.md ({len(result['figures'])} figures, every number in {out}/explain.json;"
+          f" {result['seconds']} s)")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .compare.runner import run_from_args
 
@@ -385,6 +406,37 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=_compare)
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="how much each modality decides, saliency maps, calibration and errors of a "
+                       "trained classifier: report.md + PNGs + explain.json")
+    p.add_argument("--adapter", required=True, help="output folder of a training run")
+    p.add_argument("--data", required=True, help="labelled CSV / JSONL manifest or datasets folder")
+    p.add_argument("--out", help="report folder (default: <adapter>/explain)")
+    p.add_argument("--examples", type=int, default=12, help="saliency gallery size: half most confident correct, "
+                   "half most confident wrong (default 12)")
+    p.add_argument("--methods", default="all", help="report sections: all, or a comma list of contribution, "
+                   "saliency, calibration")
+    p.add_argument("--rows", type=int, nargs="*", help="manifest rows (line numbers) to show saliency for as well")
+    p.add_argument("--permutations", type=int, default=10, help="permutations per modality (default 10)")
+    p.add_argument("--shapley-permutations", type=int, default=8,
+                   help="sampled permutations per example for the Shapley shares; 0 skips them (default 8)")
+    p.add_argument("--shapley-examples", type=int, default=300,
+                   help="examples the Shapley shares are estimated on, a seeded sample (default 300)")
+    p.add_argument("--image-baseline", default="mean", choices=["mean", "data"],
+                   help="what a masked image patch group shows: the processor's mean pixel (MM-SHAP) or the same "
+                   "region of another image of the split")
+    p.add_argument("--group-column", default="decided_by", help="manifest column to break results down by, when "
+                   "present (default decided_by, the embedded world's)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
+    p.add_argument("--trust-pickle-weights", action="store_true",
+                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_explain)
+
+
 def _add_backbones(sub) -> None:
     p = sub.add_parser("backbones", help="list supported backbone families and short names")
     p.set_defaults(func=_backbones)
@@ -448,8 +500,8 @@ def _add_plan(sub) -> None:
 
 
 # One function per command: each adds its sub-parser (help, arguments) and the function that runs it.
-COMMANDS = (_add_train, _add_eval, _add_predict, _add_push, _add_card, _add_data, _add_compare, _add_backbones,
-            _add_merge, _add_plan, _add_inspect, _add_embed, _add_search)
+COMMANDS = (_add_train, _add_eval, _add_predict, _add_push, _add_card, _add_data, _add_compare, _add_explain,
+            _add_backbones, _add_merge, _add_plan, _add_inspect, _add_embed, _add_search)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -380,3 +380,15 @@ def read_split(path: str | os.PathLike, *, image_column: str = "image", text_col
     if normalize_labels:
         unify_labels(examples)
     return Split(examples, source, skipped if skip_bad_rows else [])
+
+
+def read_column(path: str | os.PathLike, column: str) -> dict[int, Any] | None:
+    """`row -> value` of one extra column of a CSV / JSONL manifest (rows numbered as in `Example.row`), or None
+    when the manifest has no such column (or is a datasets folder): provenance such as the world's `decided_by`."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() not in (".csv", ".jsonl") or not p.is_file():
+        return None
+    columns, rows = (_read_csv if p.suffix.lower() == ".csv" else _read_jsonl)(p, str(path))
+    if column not in columns:
+        return None
+    return {row: rec.get(column) for row, rec in rows if isinstance(rec, dict)}

@@ -37,6 +37,7 @@ class DualTowers(nn.Module):
         self.backbone = backbone
         self.family = family
         self.tower_modes = dict(tower_modes)
+        self.all_towers_with_grad = False
 
     @property
     def base(self) -> nn.Module:
@@ -45,7 +46,20 @@ class DualTowers(nn.Module):
         return get() if get else self.backbone
 
     def _grad_context(self, tower: str):
-        return torch.no_grad() if self.tower_modes[tower] == "frozen" else contextlib.nullcontext()
+        if self.tower_modes[tower] == "frozen" and not self.all_towers_with_grad:
+            return torch.no_grad()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def gradients_everywhere(self):
+        """Run every tower with autograd, frozen ones included, inside this block: explanations need gradients
+        with respect to inputs and activations, not trainable weights."""
+        before, self.all_towers_with_grad = self.all_towers_with_grad, True
+        try:
+            with torch.enable_grad():
+                yield self
+        finally:
+            self.all_towers_with_grad = before
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
         with self._grad_context("text"):
@@ -84,6 +98,22 @@ class FusionClassifier(DualTowers):
             return out
         return TowerOutput(out.pooled.to(param.dtype), out.tokens.to(param.dtype), out.mask)
 
+    def text_features(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+                      ) -> TowerOutput | None:
+        """What the head reads of the text: the captions' encoding, the class prompts' (a prompt head that
+        re-encodes them every step), or None."""
+        if self.head.encodes_prompts and self.head.class_embeds is None:
+            return self.encode_text(self.prompt_ids, self.prompt_mask)
+        return self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
+
+    def image_features(self, pixel_values: torch.Tensor | None) -> TowerOutput | None:
+        return self.encode_image(pixel_values) if self.head.uses_image else None
+
+    def fuse(self, text: TowerOutput | None, image: TowerOutput | None) -> torch.Tensor:
+        """Class logits from tower outputs: the towers and the head can run apart (explanations batch each tower
+        over its own inputs)."""
+        return self.head(self._for_head(text), self._for_head(image))
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_loss: bool = False, **_: object):
@@ -94,12 +124,7 @@ class FusionClassifier(DualTowers):
         is the mean cross-entropy in float32 over rows whose label is not -1 (unlabelled rows); the training loop
         computes its own (class weights, label smoothing).
         """
-        if self.head.encodes_prompts and self.head.class_embeds is None:
-            text = self.encode_text(self.prompt_ids, self.prompt_mask)
-        else:
-            text = self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
-        image = self.encode_image(pixel_values) if self.head.uses_image else None
-        logits = self.head(self._for_head(text), self._for_head(image))
+        logits = self.fuse(self.text_features(input_ids, attention_mask), self.image_features(pixel_values))
         if not return_loss:
             return logits
         if labels is None:
