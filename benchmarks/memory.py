@@ -60,7 +60,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     import torch
 
     gc.collect()
@@ -77,7 +77,7 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _peak_gib() -> float:
+def peak_gib() -> float:
     import torch
 
     if _cuda():
@@ -110,13 +110,19 @@ def build_checkpoint(name: str, folder: Path) -> Path:
 
     config = known_config(name)
     torch.manual_seed(0)
-    model = tf.CLIPModel(config)
+    siglip = config.model_type == "siglip"
+    model = (tf.SiglipModel if siglip else tf.CLIPModel)(config)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
-    # The full CLIP vocabulary (49,408 tokens) from open_clip's shipped BPE merges.
-    clip_bpe_tokenizer(config.text_config.vocab_size - 512 - 2, max_length=77).save_pretrained(tmp)
+    # The full vocabulary from open_clip's shipped CLIP BPE merges (49,408 tokens; SigLIP's sentencepiece model
+    # cannot be fetched offline, so its 32,000 ids get a BPE of that size: the cost is the same).
+    length = config.text_config.max_position_embeddings
+    clip_bpe_tokenizer(config.text_config.vocab_size - 512 - 2, max_length=length).save_pretrained(tmp)
     size = config.vision_config.image_size
-    tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
+    square = {"height": size, "width": size}
+    processor = (tf.SiglipImageProcessor(size=square) if siglip
+                 else tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size=square))
+    processor.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
 
@@ -214,7 +220,7 @@ def run_child(mode: str, checkpoint: Path, batch_size: int, tokens: int, steps: 
     import mmpeft  # noqa: F401
 
     baseline = _now_gib()
-    _reset_peak()
+    reset_peak()
     started = time.perf_counter()
     base_mode, gc_on = mode.removesuffix("+gc"), mode.endswith("+gc")
     if base_mode in PLAIN_MODES:
@@ -222,10 +228,10 @@ def run_child(mode: str, checkpoint: Path, batch_size: int, tokens: int, steps: 
     else:
         model, step, config, device = _mmpeft_setup(base_mode, checkpoint, gc_on)
     load_seconds = time.perf_counter() - started
-    load_peak = _peak_gib()
+    load_peak = peak_gib()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batch = _batch(config, batch_size, tokens, device)
-    _reset_peak()
+    reset_peak()
     after_load = _now_gib()
     model.train()
     step(batch)  # warm-up: optimizer state is created here
@@ -238,7 +244,7 @@ def run_child(mode: str, checkpoint: Path, batch_size: int, tokens: int, steps: 
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / steps
     return {"mode": mode, "baseline_gib": round(baseline, 3), "load_peak_gib": round(load_peak, 3),
-            "after_load_gib": round(after_load, 3), "train_peak_gib": round(_peak_gib(), 3),
+            "after_load_gib": round(after_load, 3), "train_peak_gib": round(peak_gib(), 3),
             "seconds_per_step": round(seconds, 3), "samples_per_s": round(batch_size / seconds, 2),
             "load_seconds": round(load_seconds, 1), "trainable_params": trainable,
             "gradient_checkpointing": gc_on, "device": str(device)}

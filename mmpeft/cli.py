@@ -8,7 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, MmpeftError, PathExistsError
+from .errors import ConfigError, MissingPathError, MmpeftError, PathExistsError
+
+# The speed harness compares mmpeft with the plain loop of ANCHORS §1, which is a reference, not library code: both
+# live in the repository's benchmarks/ folder (a source checkout), never in the installed package.
+SPEED_HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +111,17 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"merged model written to {args.to} (loads with transformers' from_pretrained; head and labels with "
           f"mmpeft.load_adapter); report in {args.to}/merge_report.json")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run benchmarks/speed.py of this source checkout with the given arguments; its exit code is ours."""
+    import subprocess
+
+    if not SPEED_HARNESS.is_file():
+        raise MissingPathError(f"`mmpeft bench` runs {SPEED_HARNESS}, which only a source checkout of mmpeft has "
+                               "(the plain reference loop is not part of the installed package). Clone the "
+                               "repository and run `pip install -e .` there, or run `python benchmarks/speed.py`.")
+    return subprocess.run([sys.executable, str(SPEED_HARNESS), *args.harness_args]).returncode
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -249,8 +264,16 @@ def _add_plan(sub) -> None:
     p.set_defaults(func=_plan)
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", add_help=False,
+                       help="mmpeft's training step beside the plain transformers + peft loop, A B A B "
+                       "(benchmarks/speed.py of a source checkout; `mmpeft bench --help` lists its options)")
+    p.set_defaults(func=_bench, harness_args=[], passes_unknown_arguments=True)  # all of them go to speed.py
+
+
 # One function per command: each adds its sub-parser (help, arguments) and the function that runs it.
-COMMANDS = (_add_train, _add_eval, _add_predict, _add_data, _add_compare, _add_backbones, _add_merge, _add_plan)
+COMMANDS = (_add_train, _add_eval, _add_predict, _add_data, _add_compare, _add_backbones, _add_merge, _add_plan,
+            _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +299,12 @@ def report_user_errors(run, prog: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "passes_unknown_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        args.harness_args = unknown
     return report_user_errors(lambda: args.func(args), f"mmpeft {args.command}")
 
 
