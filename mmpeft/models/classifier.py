@@ -46,13 +46,27 @@ class DualTowers(nn.Module):
     def _grad_context(self, tower: str):
         return torch.no_grad() if self.tower_modes[tower] == "frozen" else contextlib.nullcontext()
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
-        with self._grad_context("text"):
-            return self.family.encode_text(self.base, input_ids, attention_mask)
+    # {tower: FeatureCache} of the split being run (models/feature_cache.py); None, the default, caches nothing.
+    feature_caches: dict | None = None
 
-    def encode_image(self, pixel_values: torch.Tensor) -> TowerOutput:
-        with self._grad_context("vision"):
-            return self.family.encode_image(self.base, pixel_values)
+    def _through_cache(self, tower: str, index: torch.Tensor | None, compute) -> TowerOutput:
+        cache = (self.feature_caches or {}).get(tower)
+        return compute() if cache is None or index is None else cache.output(index, compute)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    index: torch.Tensor | None = None) -> TowerOutput:
+        def compute():
+            with self._grad_context("text"):
+                return self.family.encode_text(self.base, input_ids, attention_mask)
+
+        return self._through_cache("text", index, compute)
+
+    def encode_image(self, pixel_values: torch.Tensor | None, index: torch.Tensor | None = None) -> TowerOutput:
+        def compute():
+            with self._grad_context("vision"):
+                return self.family.encode_image(self.base, pixel_values)
+
+        return self._through_cache("vision", index, compute)
 
     def train(self, mode: bool = True):
         """Frozen towers stay in eval mode: their dropout and normalisation statistics are not trained. So do the
@@ -81,15 +95,17 @@ class FusionClassifier(DualTowers):
         param = next(self.head.parameters(), None)
         if out is None or param is None or out.pooled.dtype == param.dtype:
             return out
-        return TowerOutput(out.pooled.to(param.dtype), out.tokens.to(param.dtype), out.mask)
+        tokens = out.tokens.to(param.dtype) if out.tokens is not None else None  # None: from the feature cache
+        return TowerOutput(out.pooled.to(param.dtype), tokens, out.mask)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                **_: object) -> torch.Tensor:
         if isinstance(self.head, PromptHead) and self.head.class_embeds is None:
             text = self.encode_text(self.prompt_ids, self.prompt_mask)
         else:
-            text = self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
-        image = self.encode_image(pixel_values) if self.head.uses_image else None
+            text = self.encode_text(input_ids, attention_mask, index) if self.head.uses_text else None
+        image = self.encode_image(pixel_values, index) if self.head.uses_image else None
         return self.head(self._for_head(text), self._for_head(image))
 
 
