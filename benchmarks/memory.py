@@ -98,8 +98,9 @@ def _now_gib() -> float:
 # --- the checkpoint ------------------------------------------------------------------------------------------------
 
 
-def build_checkpoint(name: str, folder: Path) -> Path:
-    """Random weights with `name`'s shapes, saved like a Hub checkpoint (fp32 safetensors + tokenizer + processor)."""
+def build_checkpoint(name: str, folder: Path, image_size: int | None = None) -> Path:
+    """Random weights with `name`'s shapes (a known Hub id or a local folder), saved like a Hub checkpoint (fp32
+    safetensors + tokenizer + processor); `image_size` changes the resolution (and the position embeddings)."""
     if (folder / "model.safetensors").exists():
         return folder
     import torch
@@ -108,7 +109,9 @@ def build_checkpoint(name: str, folder: Path) -> Path:
     from mmpeft.backbones.shapes import known_config
     from mmpeft.backbones.tokenizers import clip_bpe_tokenizer
 
-    config = known_config(name)
+    config = tf.AutoConfig.from_pretrained(name) if Path(name).is_dir() else known_config(name)
+    if image_size:
+        config.vision_config.image_size = image_size
     torch.manual_seed(0)
     siglip = config.model_type == "siglip"
     model = (tf.SiglipModel if siglip else tf.CLIPModel)(config)
@@ -299,8 +302,7 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _update_readme(kind: str, results: dict) -> None:
-    readme = HERE / "README.md"
+def _update_readme(kind: str, results: dict, readme: Path) -> None:
     text = readme.read_text() if readme.exists() else ""
     info = results["run"]
     block = (f"<!-- memory-{kind}:start -->\n`{info['command']}` — {info['machine']['cpu']}, {info['machine']['cores']} "
@@ -321,6 +323,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES)
     parser.add_argument("--cache", default=os.environ.get("MMPEFT_CACHE", str(Path.home() / ".cache" / "mmpeft")))
+    parser.add_argument("--results", default=str(HERE / "results"), help="folder of memory_{cpu,cuda}.json")
+    parser.add_argument("--readme", default=str(HERE / "README.md"), help="the README whose table is regenerated")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,10 +346,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     results = {"run": _run_info(args), "modes": rows}
-    out = HERE / "results" / f"memory_{kind}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.results) / f"memory_{kind}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    _update_readme(kind, results)
+    _update_readme(kind, results, Path(args.readme))
     print(_table(results))
     print(f"written {out}")
 

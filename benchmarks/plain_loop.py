@@ -33,26 +33,28 @@ MODES = ("full", "lora", "qlora4", "lora8", "probe")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def checkpoint_for(shape: str, cache: Path) -> Path:
-    """The folder both sides load: the shipped tiny CLIP, or random weights with a real checkpoint's shapes."""
+def checkpoint_for(shape: str, cache: Path, image_size: int | None = None) -> Path:
+    """The folder both sides load: the shipped tiny CLIP, or random weights with a real checkpoint's shapes;
+    `image_size` other than the checkpoint's: random weights of those shapes at that resolution."""
     from mmpeft.backbones.weights import resolve_location
 
     name = SHAPES[shape]
-    if shape == "tiny":
+    if shape == "tiny" and image_size is None:
         return Path(resolve_location(name))
-    return build_checkpoint(name, cache / "bench" / name.replace("/", "--"))
+    folder = cache / "bench" / (name.replace("/", "--") + (f"-{image_size}px" if image_size else ""))
+    return build_checkpoint(resolve_location(name) if shape == "tiny" else name, folder, image_size=image_size)
 
 
 def text_length(config) -> int:
     return min(77, config.text_config.max_position_embeddings)
 
 
-def synthetic_batch(config, batch: int, device, seed: int = 0) -> dict:
-    """The identical tensors both sides step on: random ids ending in EOS (full length), random pixels."""
+def synthetic_batch(config, batch: int, device, seed: int = 0, tokens: int | None = None) -> dict:
+    """The identical tensors both sides step on: random ids ending in EOS (full length unless `tokens`), pixels."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    tokens = text_length(config)
+    tokens = tokens or text_length(config)
     ids = torch.randint(0, config.text_config.vocab_size - 2, (batch, tokens), generator=gen)
     ids[:, -1] = config.text_config.eos_token_id
     size = config.vision_config.image_size

@@ -64,15 +64,17 @@ def plain_precision(precision: str) -> str:
 # --- step only: mmpeft's side, in a child process -------------------------------------------------------------------
 
 
-def mmpeft_step_child(args) -> dict:
-    """mmpeft's real step on the identical tensors the plain loop gets: the parts and calls `mmpeft train` makes."""
+def build_mmpeft_step(args, tokens: int | None = None):
+    """mmpeft's real step and the identical tensors the plain loop gets: the parts and calls `mmpeft train` makes.
+
+    Returns (step, batch, accelerator, model)."""
     import torch
     from accelerate import Accelerator
 
     from mmpeft import build_classifier, load_backbone, load_config
     from mmpeft.training.optim import build_optimizer, resolve_mixed_precision
 
-    checkpoint = plain_loop.checkpoint_for(args.shape, Path(args.cache))
+    checkpoint = plain_loop.checkpoint_for(args.shape, Path(args.cache), getattr(args, "image_size", None))
     cfg = load_config(None, mmpeft_overrides(checkpoint, args.mode, args.precision, args.mmpeft))
     backbone = load_backbone(cfg.model.name, dtype=cfg.model.dtype, quantization=cfg.model.quantization,
                              device=args.device)
@@ -81,24 +83,47 @@ def mmpeft_step_child(args) -> dict:
     model = build_classifier(backbone, cfg, ["negative", "neutral", "positive"])
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    cross_entropy = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    step = MmpeftStep(model, optimizer, accelerator, cfg.train)
+    model.train()
+    batch = plain_loop.synthetic_batch(backbone.model.config, args.batch, accelerator.device, args.seed, tokens)
+    return step, batch, accelerator, model
 
-    def step(batch: dict) -> torch.Tensor:
-        loss = cross_entropy(model(**batch).float(), batch["labels"])
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+class MmpeftStep:
+    """The loop's step in its three parts (the profiler times each): loss, backward, clipped optimizer update."""
+
+    def __init__(self, model, optimizer, accelerator, train_cfg):
+        import torch
+
+        self.model, self.optimizer, self.accelerator, self.cfg = model, optimizer, accelerator, train_cfg
+        self.cross_entropy = torch.nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
+
+    def loss(self, batch: dict):
+        return self.cross_entropy(self.model(**batch).float(), batch["labels"])
+
+    def backward(self, loss) -> None:
+        self.accelerator.backward(loss)
+
+    def update(self) -> None:
+        self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, batch: dict):
+        loss = self.loss(batch)
+        self.backward(loss)
+        self.update()
         return loss
 
-    model.train()
-    batch = plain_loop.synthetic_batch(backbone.model.config, args.batch, accelerator.device, args.seed)
+
+def mmpeft_step_child(args) -> dict:
+    """Step only, mmpeft's side: `--steps` steps on the identical tensors, timed one by one."""
+    step, batch, accelerator, model = build_mmpeft_step(args, getattr(args, "tokens", None))
     reset_peak()
     times = plain_loop.timed_steps(step, (batch for _ in range(args.steps)), args.steps, accelerator.device)
     return {"side": "mmpeft", "step_seconds": times, "batch": args.batch, "peak_memory_gib": peak_gib(),
-            "trainable_parameters": trainable, "mixed_precision": accelerator.mixed_precision,
-            "text_tokens": batch["input_ids"].shape[1]}
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "mixed_precision": accelerator.mixed_precision, "text_tokens": batch["input_ids"].shape[1]}
 
 
 # --- end to end ------------------------------------------------------------------------------------------------------
@@ -256,6 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="show the output of `mmpeft train` runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)  # scaling.py: text length of the batch
+    parser.add_argument("--image-size", type=int, help=argparse.SUPPRESS)  # scaling.py: image resolution
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
