@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "mmpeft"))
+    parser.add_argument("--cache", default=speed.default_cache())
     parser.add_argument("--out", type=Path, default=HERE / "results" / "profile")
     parser.add_argument("--readme", type=Path, default=HERE / "README.md")
     args = parser.parse_args(argv)

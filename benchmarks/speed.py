@@ -57,6 +57,10 @@ def mmpeft_overrides(checkpoint: Path, mode: str, precision: str, extra: list[st
             f"train.mixed_precision={MMPEFT_PRECISION[precision]}", *extra]
 
 
+def default_cache() -> str:
+    return os.environ.get("MMPEFT_CACHE", str(Path.home() / ".cache" / "mmpeft"))
+
+
 def plain_precision(precision: str) -> str:
     return "bf16" if precision == "bf16" else "fp32"
 
@@ -276,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tag", default="", help="suffix of the row's name (e.g. the lever it measures)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "speed")
     parser.add_argument("--readme", type=Path, default=HERE / "README.md")
-    parser.add_argument("--cache", default=os.environ.get("MMPEFT_CACHE", str(Path.home() / ".cache" / "mmpeft")))
+    parser.add_argument("--cache", default=default_cache())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="show the output of `mmpeft train` runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -120,3 +120,12 @@ def test_nonfinite_skip_says_when_it_cannot_skip_on_the_device():
     model = _model()
     skip = NonFiniteSkip(torch.optim.AdamW(model.parameters(), foreach=False), "cpu")
     assert not skip.on_device  # the loop keeps its host check for such optimizers
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_towers_run_sdpa_attention(tiny_paths, family):
+    """SDPA everywhere transformers has it (BLIP's attention in transformers 5.24 has no SDPA path: eager)."""
+    from mmpeft import load_backbone
+
+    config = load_backbone(str(tiny_paths[family])).model.config
+    assert {config.text_config._attn_implementation, config.vision_config._attn_implementation} == {"sdpa"}
