@@ -32,14 +32,14 @@ BATCH = {"tiny": 32, "b32": 8}  # the batches of the issue's figures
 
 def _args(shape: str, mode: str, precision: str, batch: int, extra: list[str]):
     return argparse.Namespace(shape=shape, mode=mode, precision=precision, batch=batch, cache=speed.default_cache(),
-                              device="cpu", seed=0, mmpeft=extra)
+                              device="cpu", seed=0, mmpeft=extra, steps=None)
 
 
 def step_seconds(args, steps: int) -> float:
-    """Median seconds of `steps` mmpeft steps after one warm-up (identical tensors)."""
-    step, batch, accelerator, _ = speed.build_mmpeft_step(args)
-    times = speed.plain_loop.timed_steps(step, (batch for _ in range(steps + 1)), steps + 1, accelerator.device)
-    return statistics.median(times[1:])
+    """Median seconds of `steps` mmpeft steps after one warm-up (identical tensors), in a fresh process: each
+    precision needs its own Accelerate state."""
+    args.steps = steps + 1
+    return statistics.median(speed.run_child(args, "mmpeft")["step_seconds"][1:])
 
 
 def alternate(a, b, repeats: int) -> dict:

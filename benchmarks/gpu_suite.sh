@@ -83,7 +83,7 @@ if has bitsandbytes; then
     if [ "$name" = l14 ]; then args=("${MEM_L14[@]}"); else args=("${MEM_B16[@]}"); fi
     row "memory $name QLoRA" 50 "$PY" benchmarks/memory.py "${args[@]}" --steps 1 --modes qlora_nf4+gc lora_bf16 \
       --results "$RESULTS/mem-$name" --readme "$README"
-    cp "$RESULTS/mem-$name"/memory_*.json "$RESULTS/memory_cuda_$name.json" 2>/dev/null
+    cp "$RESULTS/mem-$name"/memory_*.json "$RESULTS/memory_${DEVICE}_$name.json" 2>/dev/null
   done
 else
   echo "SKIP memory rows (QLoRA): bitsandbytes is missing; carry it in .whl/ (benchmarks/fetch_gpu_wheels.sh)"

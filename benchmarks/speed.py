@@ -208,7 +208,7 @@ def _child_env(args) -> dict:
     return env
 
 
-def _child(args, side: str, manifest: Path | None = None) -> dict:
+def run_child(args, side: str, manifest: Path | None = None) -> dict:
     """One run in a fresh process; its RESULT line, with the wall time of the whole process."""
     common = ["--shape", args.shape, "--mode", args.mode, "--batch", str(args.batch), "--steps", str(args.steps),
               "--device", args.device, "--cache", str(args.cache), "--seed", str(args.seed)]
@@ -243,9 +243,9 @@ def run_row(args, kind: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="mmpeft-speed-") as work:
         for i in range(args.pairs):
             loads.append(os.getloadavg()[0])
-            a = mmpeft_e2e(args, checkpoint, manifest, Path(work), i) if kind == "e2e" else _child(args, "mmpeft")
+            a = mmpeft_e2e(args, checkpoint, manifest, Path(work), i) if kind == "e2e" else run_child(args, "mmpeft")
             loads.append(os.getloadavg()[0])
-            b = _child(args, "plain", manifest)
+            b = run_child(args, "plain", manifest)
             loads.append(os.getloadavg()[0])
             pairs.append((a, b))
             print(f"  pair {i + 1}: mmpeft {len(a['step_seconds'])} steps, plain {len(b['step_seconds'])} steps, "
