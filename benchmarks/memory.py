@@ -133,10 +133,13 @@ def build_checkpoint(name: str, folder: Path, image_size: int | None = None) -> 
 # --- one mode, in a child process -----------------------------------------------------------------------------------
 
 
-def _batch(config, batch: int, tokens: int, device):
+def synthetic_batch(config, batch: int, device, seed: int = 0, tokens: int | None = None) -> dict:
+    """Identical tensors for every mode (and speed.py's both sides): random ids ending in EOS (the model's full
+    length, at most 77, unless `tokens`), random pixels, random labels of 3 classes."""
     import torch
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = tokens or min(77, config.text_config.max_position_embeddings)
     ids = torch.randint(0, config.text_config.vocab_size - 2, (batch, tokens), generator=gen)
     ids[:, -1] = config.text_config.eos_token_id
     size = config.vision_config.image_size
@@ -233,7 +236,7 @@ def run_child(mode: str, checkpoint: Path, batch_size: int, tokens: int, steps: 
     load_seconds = time.perf_counter() - started
     load_peak = peak_gib()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    batch = _batch(config, batch_size, tokens, device)
+    batch = synthetic_batch(config, batch_size, device, tokens=tokens)
     reset_peak()
     after_load = _now_gib()
     model.train()

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from memory import build_checkpoint, peak_gib, reset_peak  # noqa: E402  (benchmarks/ is no package)
+from memory import build_checkpoint, peak_gib, reset_peak, synthetic_batch  # noqa: E402  (benchmarks/ is no package)
 
 # Short names of the shapes the harness knows: the tiny embedded default and real checkpoints' shapes.
 SHAPES = {"tiny": "tiny-clip", "b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16",
@@ -47,20 +47,6 @@ def checkpoint_for(shape: str, cache: Path, image_size: int | None = None) -> Pa
 
 def text_length(config) -> int:
     return min(77, config.text_config.max_position_embeddings)
-
-
-def synthetic_batch(config, batch: int, device, seed: int = 0, tokens: int | None = None) -> dict:
-    """The identical tensors both sides step on: random ids ending in EOS (full length unless `tokens`), pixels."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    tokens = tokens or text_length(config)
-    ids = torch.randint(0, config.text_config.vocab_size - 2, (batch, tokens), generator=gen)
-    ids[:, -1] = config.text_config.eos_token_id
-    size = config.vision_config.image_size
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": torch.randn(batch, 3, size, size, generator=gen).to(device),
-            "labels": torch.randint(0, 3, (batch,), generator=gen).to(device)}
 
 
 def _load(checkpoint: Path, mode: str, precision: str, device):
