@@ -60,7 +60,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     import torch
 
     gc.collect()
@@ -77,7 +77,7 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _peak_gib() -> float:
+def peak_gib() -> float:
     import torch
 
     if _cuda():
@@ -98,8 +98,9 @@ def _now_gib() -> float:
 # --- the checkpoint ------------------------------------------------------------------------------------------------
 
 
-def build_checkpoint(name: str, folder: Path) -> Path:
-    """Random weights with `name`'s shapes, saved like a Hub checkpoint (fp32 safetensors + tokenizer + processor)."""
+def build_checkpoint(name: str, folder: Path, image_size: int | None = None) -> Path:
+    """Random weights with `name`'s shapes (a known Hub id or a local folder), saved like a Hub checkpoint (fp32
+    safetensors + tokenizer + processor); `image_size` changes the resolution (and the position embeddings)."""
     if (folder / "model.safetensors").exists():
         return folder
     import torch
@@ -108,15 +109,23 @@ def build_checkpoint(name: str, folder: Path) -> Path:
     from mmpeft.backbones.shapes import known_config
     from mmpeft.backbones.tokenizers import clip_bpe_tokenizer
 
-    config = known_config(name)
+    config = tf.AutoConfig.from_pretrained(name) if Path(name).is_dir() else known_config(name)
+    if image_size:
+        config.vision_config.image_size = image_size
     torch.manual_seed(0)
-    model = tf.CLIPModel(config)
+    siglip = config.model_type == "siglip"
+    model = (tf.SiglipModel if siglip else tf.CLIPModel)(config)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
-    # The full CLIP vocabulary (49,408 tokens) from open_clip's shipped BPE merges.
-    clip_bpe_tokenizer(config.text_config.vocab_size - 512 - 2, max_length=77).save_pretrained(tmp)
+    # The full vocabulary from open_clip's shipped CLIP BPE merges (49,408 tokens; SigLIP's sentencepiece model
+    # cannot be fetched offline, so its 32,000 ids get a BPE of that size: the cost is the same).
+    length = config.text_config.max_position_embeddings
+    clip_bpe_tokenizer(config.text_config.vocab_size - 512 - 2, max_length=length).save_pretrained(tmp)
     size = config.vision_config.image_size
-    tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(tmp)
+    square = {"height": size, "width": size}
+    processor = (tf.SiglipImageProcessor(size=square) if siglip
+                 else tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size=square))
+    processor.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
 
@@ -124,10 +133,13 @@ def build_checkpoint(name: str, folder: Path) -> Path:
 # --- one mode, in a child process -----------------------------------------------------------------------------------
 
 
-def _batch(config, batch: int, tokens: int, device):
+def synthetic_batch(config, batch: int, device, seed: int = 0, tokens: int | None = None) -> dict:
+    """Identical tensors for every mode (and speed.py's both sides): random ids ending in EOS (the model's full
+    length, at most 77, unless `tokens`), random pixels, random labels of 3 classes."""
     import torch
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = tokens or min(77, config.text_config.max_position_embeddings)
     ids = torch.randint(0, config.text_config.vocab_size - 2, (batch, tokens), generator=gen)
     ids[:, -1] = config.text_config.eos_token_id
     size = config.vision_config.image_size
@@ -214,7 +226,7 @@ def run_child(mode: str, checkpoint: Path, batch_size: int, tokens: int, steps: 
     import mmpeft  # noqa: F401
 
     baseline = _now_gib()
-    _reset_peak()
+    reset_peak()
     started = time.perf_counter()
     base_mode, gc_on = mode.removesuffix("+gc"), mode.endswith("+gc")
     if base_mode in PLAIN_MODES:
@@ -222,10 +234,10 @@ def run_child(mode: str, checkpoint: Path, batch_size: int, tokens: int, steps: 
     else:
         model, step, config, device = _mmpeft_setup(base_mode, checkpoint, gc_on)
     load_seconds = time.perf_counter() - started
-    load_peak = _peak_gib()
+    load_peak = peak_gib()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    batch = _batch(config, batch_size, tokens, device)
-    _reset_peak()
+    batch = synthetic_batch(config, batch_size, device, tokens=tokens)
+    reset_peak()
     after_load = _now_gib()
     model.train()
     step(batch)  # warm-up: optimizer state is created here
@@ -238,7 +250,7 @@ def run_child(mode: str, checkpoint: Path, batch_size: int, tokens: int, steps: 
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / steps
     return {"mode": mode, "baseline_gib": round(baseline, 3), "load_peak_gib": round(load_peak, 3),
-            "after_load_gib": round(after_load, 3), "train_peak_gib": round(_peak_gib(), 3),
+            "after_load_gib": round(after_load, 3), "train_peak_gib": round(peak_gib(), 3),
             "seconds_per_step": round(seconds, 3), "samples_per_s": round(batch_size / seconds, 2),
             "load_seconds": round(load_seconds, 1), "trainable_params": trainable,
             "gradient_checkpointing": gc_on, "device": str(device)}
@@ -293,8 +305,7 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _update_readme(kind: str, results: dict) -> None:
-    readme = HERE / "README.md"
+def _update_readme(kind: str, results: dict, readme: Path) -> None:
     text = readme.read_text() if readme.exists() else ""
     info = results["run"]
     block = (f"<!-- memory-{kind}:start -->\n`{info['command']}` — {info['machine']['cpu']}, {info['machine']['cores']} "
@@ -315,6 +326,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1, help="timed steps after one warm-up step")
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES)
     parser.add_argument("--cache", default=os.environ.get("MMPEFT_CACHE", str(Path.home() / ".cache" / "mmpeft")))
+    parser.add_argument("--results", default=str(HERE / "results"), help="folder of memory_{cpu,cuda}.json")
+    parser.add_argument("--readme", default=str(HERE / "README.md"), help="the README whose table is regenerated")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -336,10 +349,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     results = {"run": _run_info(args), "modes": rows}
-    out = HERE / "results" / f"memory_{kind}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.results) / f"memory_{kind}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    _update_readme(kind, results)
+    _update_readme(kind, results, Path(args.readme))
     print(_table(results))
     print(f"written {out}")
 

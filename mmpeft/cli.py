@@ -8,7 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, MmpeftError, PathExistsError
+from .errors import ConfigError, MissingPathError, MmpeftError, PathExistsError
+
+# The speed harness compares mmpeft with the plain loop of ANCHORS §1, which is a reference, not library code: both
+# live in the repository's benchmarks/ folder (a source checkout), never in the installed package.
+SPEED_HARNESS = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,10 +24,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 model.text.mode=frozen")
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None, *,
+                         passthrough: bool = False) -> argparse.Namespace:
     """`parse_args`, with `section.key=value` overrides accepted before options too (`a=1 --config x b=2`):
-    argparse alone takes the positionals of one run of arguments only and calls the rest unrecognized."""
+    argparse alone takes the positionals of one run of arguments only and calls the rest unrecognized.
+    `passthrough`: a command that declares `passes_unknown_arguments` (`mmpeft bench`) gets the rest as
+    `harness_args`."""
     args, extra = parser.parse_known_args(argv)
+    if passthrough and extra and getattr(args, "passes_unknown_arguments", False):
+        args.harness_args = extra
+        return args
     overrides = [x for x in extra if "=" in x and not x.startswith("-")]
     unknown = [x for x in extra if x not in overrides]
     if unknown or (overrides and not hasattr(args, "overrides")):
@@ -219,6 +229,17 @@ def _search(args: argparse.Namespace) -> int:
                   trust_pickle_weights=args.trust_pickle_weights)
     print(json.dumps(hits, indent=2) if args.json else format_hits(hits))
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run benchmarks/speed.py of this source checkout with the given arguments; its exit code is ours."""
+    import subprocess
+
+    if not SPEED_HARNESS.is_file():
+        raise MissingPathError(f"`mmpeft bench` runs {SPEED_HARNESS}, which only a source checkout of mmpeft has "
+                               "(the plain reference loop is not part of the installed package). Clone the "
+                               "repository and run `pip install -e .` there, or run `python benchmarks/speed.py`.")
+    return subprocess.run([sys.executable, str(SPEED_HARNESS), *args.harness_args]).returncode
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -499,9 +520,16 @@ def _add_plan(sub) -> None:
     p.set_defaults(func=_plan)
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", add_help=False,
+                       help="mmpeft's training step beside the plain transformers + peft loop, A B A B "
+                       "(benchmarks/speed.py of a source checkout; `mmpeft bench --help` lists its options)")
+    p.set_defaults(func=_bench, harness_args=[], passes_unknown_arguments=True)  # all of them go to speed.py
+
+
 # One function per command: each adds its sub-parser (help, arguments) and the function that runs it.
 COMMANDS = (_add_train, _add_eval, _add_predict, _add_push, _add_card, _add_data, _add_compare, _add_explain,
-            _add_backbones, _add_merge, _add_plan, _add_inspect, _add_embed, _add_search)
+            _add_backbones, _add_merge, _add_plan, _add_inspect, _add_embed, _add_search, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -527,7 +555,8 @@ def report_user_errors(run, prog: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_with_overrides(build_parser(), argv)
+    parser = build_parser()
+    args = parse_with_overrides(parser, argv, passthrough=True)
     return report_user_errors(lambda: args.func(args), f"mmpeft {args.command}")
 
 

@@ -80,6 +80,8 @@ class MultimodalDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.augment_text, self.tokenize = augment_text, tokenize
         self.epoch = 0
+        # False once the vision tower's features are all cached (models/feature_cache.py): no decoding at all.
+        self.load_images = True
         index = {name: i for i, name in enumerate(label_names or [])}
         if label_names is None:
             self.labels = [-1] * len(self.examples)
@@ -109,14 +111,15 @@ class MultimodalDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        image = self.load_image(i)
-        if self.augment is not None:
-            image = self.augment(image, epoch=self.epoch, index=i)
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        input_ids = self.input_ids[i]
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
         if self.augment_text is not None:
-            input_ids = self.tokenize(self.augment_text(self.examples[i].text, epoch=self.epoch, index=i))
-        return {"pixel_values": pixels.float(), "input_ids": input_ids, "labels": self.labels[i], "index": i}
+            item["input_ids"] = self.tokenize(self.augment_text(self.examples[i].text, epoch=self.epoch, index=i))
+        if self.load_images:
+            image = self.load_image(i)
+            if self.augment is not None:
+                image = self.augment(image, epoch=self.epoch, index=i)
+            item["pixel_values"] = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0].float()
+        return item
 
 
 class Collator:
@@ -142,10 +145,12 @@ class Collator:
             n = len(item["input_ids"])
             input_ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {
-            "pixel_values": torch.stack([item["pixel_values"] for item in items]).float(),
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": torch.tensor([item["labels"] for item in items], dtype=torch.long),
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
         }
+        if "pixel_values" in items[0]:  # absent when the dataset's images are cached features
+            batch["pixel_values"] = torch.stack([item["pixel_values"] for item in items]).float()
+        return batch

@@ -61,13 +61,27 @@ class DualTowers(nn.Module):
         finally:
             self.all_towers_with_grad = before
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
-        with self._grad_context("text"):
-            return self.family.encode_text(self.base, input_ids, attention_mask)
+    # {tower: FeatureCache} of the split being run (models/feature_cache.py); None, the default, caches nothing.
+    feature_caches: dict | None = None
 
-    def encode_image(self, pixel_values: torch.Tensor) -> TowerOutput:
-        with self._grad_context("vision"):
-            return self.family.encode_image(self.base, pixel_values)
+    def _through_cache(self, tower: str, index: torch.Tensor | None, compute) -> TowerOutput:
+        cache = (self.feature_caches or {}).get(tower)
+        return compute() if cache is None or index is None else cache.output(index, compute)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    index: torch.Tensor | None = None) -> TowerOutput:
+        def compute():
+            with self._grad_context("text"):
+                return self.family.encode_text(self.base, input_ids, attention_mask)
+
+        return self._through_cache("text", index, compute)
+
+    def encode_image(self, pixel_values: torch.Tensor | None, index: torch.Tensor | None = None) -> TowerOutput:
+        def compute():
+            with self._grad_context("vision"):
+                return self.family.encode_image(self.base, pixel_values)
+
+        return self._through_cache("vision", index, compute)
 
     def train(self, mode: bool = True):
         """Frozen towers stay in eval mode: their dropout and normalisation statistics are not trained. So do the
@@ -96,18 +110,20 @@ class FusionClassifier(DualTowers):
         param = next(self.head.parameters(), None)
         if out is None or param is None or out.pooled.dtype == param.dtype:
             return out
-        return TowerOutput(out.pooled.to(param.dtype), out.tokens.to(param.dtype), out.mask)
+        tokens = out.tokens.to(param.dtype) if out.tokens is not None else None  # None: from the feature cache
+        return TowerOutput(out.pooled.to(param.dtype), tokens, out.mask)
 
-    def text_features(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
-                      ) -> TowerOutput | None:
+    def text_features(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                      index: torch.Tensor | None = None) -> TowerOutput | None:
         """What the head reads of the text: the captions' encoding, the class prompts' (a prompt head that
-        re-encodes them every step), or None."""
+        re-encodes them every step), or None. `index` (the examples' rows) serves a feature cache."""
         if self.head.encodes_prompts and self.head.class_embeds is None:
             return self.encode_text(self.prompt_ids, self.prompt_mask)
-        return self.encode_text(input_ids, attention_mask) if self.head.uses_text else None
+        return self.encode_text(input_ids, attention_mask, index) if self.head.uses_text else None
 
-    def image_features(self, pixel_values: torch.Tensor | None) -> TowerOutput | None:
-        return self.encode_image(pixel_values) if self.head.uses_image else None
+    def image_features(self, pixel_values: torch.Tensor | None, index: torch.Tensor | None = None
+                       ) -> TowerOutput | None:
+        return self.encode_image(pixel_values, index) if self.head.uses_image else None
 
     def fuse(self, text: TowerOutput | None, image: TowerOutput | None) -> torch.Tensor:
         """Class logits from tower outputs: the towers and the head can run apart (explanations batch each tower
@@ -116,7 +132,7 @@ class FusionClassifier(DualTowers):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_loss: bool = False, **_: object):
+                return_loss: bool = False, index: torch.Tensor | None = None, **_: object):
         """Class logits (B, C); with `return_loss=True` a transformers `SequenceClassifierOutput(loss, logits)`.
 
         As with `CLIPModel(..., return_loss=True)`, the loss is asked for: batches carry `labels` (and `index`),
@@ -124,7 +140,8 @@ class FusionClassifier(DualTowers):
         is the mean cross-entropy in float32 over rows whose label is not -1 (unlabelled rows); the training loop
         computes its own (class weights, label smoothing).
         """
-        logits = self.fuse(self.text_features(input_ids, attention_mask), self.image_features(pixel_values))
+        text, image = self.text_features(input_ids, attention_mask, index), self.image_features(pixel_values, index)
+        logits = self.fuse(text, image)
         if not return_loss:
             return logits
         if labels is None:

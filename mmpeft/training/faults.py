@@ -55,6 +55,52 @@ def stop_on_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
+class NonFiniteSkip:
+    """Skips an optimizer step whose loss or gradients are NaN/inf without reading anything back to the host.
+
+    `loss_is_finite` reads the loss at every step, which on a GPU waits for the whole step to finish. Here the check
+    stays on the device, as `GradScaler` does with `found_inf`: the flag is handed to torch's fused AdamW, whose
+    kernel leaves the parameters, the moments and the step count untouched when it is set. Skipped steps are
+    counted, and the first one remembered, on the device too; `pending()` reads both (one sync) at log points, so
+    the loop can still stop naming the step (weights never took the bad update) or count the skipped ones. Under
+    several processes the gradients are all-reduced before the check, so every rank sees the same flag.
+    Optimizers without a fused kernel (bitsandbytes' 8-bit AdamW) cannot take the flag: `on_device` is False and
+    the loop keeps the host check for them.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device | str):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        self.on_device = bool(self.optimizer.defaults.get("fused"))
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def check(self, loss: torch.Tensor, parameters, step: int, grad_norm: torch.Tensor | None = None) -> None:
+        """Set the flag for this optimizer step (after backward and clipping, before `optimizer.step()`).
+
+        `grad_norm`: the total norm `clip_grad_norm_` returned, if it ran (saves a pass over the gradients).
+        """
+        if grad_norm is None:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        bad = ~(torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm.detach()))
+        self.found_inf.copy_(bad)
+        self.skipped.add_(bad)
+        self.first_step.copy_(torch.where((self.first_step < 0) & bad, step, self.first_step))
+        if self.on_device:
+            self.optimizer.found_inf = self.found_inf
+
+    def pending(self) -> tuple[int, int | None]:
+        """(steps skipped so far, the first skipped step or None): reads the device, call it at log points only."""
+        first = int(self.first_step)
+        return int(self.skipped), first if first >= 0 else None
+
+    def detach(self) -> None:
+        """Take the flag off the optimizer (before saving or reusing it elsewhere)."""
+        if getattr(self.optimizer, "found_inf", None) is self.found_inf:
+            del self.optimizer.found_inf
+
+
 def launched_by_accelerate() -> bool:
     """Whether this process was started by `accelerate launch` (its parent's command line says so)."""
     try:

@@ -76,12 +76,15 @@ class Run:
 
 def train(cfg: Config) -> dict:
     """Fine-tune, evaluate and save; returns the final metrics (also written to `<output_dir>/metrics.json`)."""
-    run = setup(cfg)
-    if cfg.train.evaluate_only:
-        run.stop_reason = "evaluate_only"
-    else:
-        fit(run)
-    return finish(run)
+    try:
+        run = setup(cfg)
+        if cfg.train.evaluate_only:
+            run.stop_reason = "evaluate_only"
+        else:
+            fit(run)
+        return finish(run)
+    finally:
+        _release_accelerator_state()
 
 
 def setup(cfg: Config) -> Run:
@@ -369,6 +372,16 @@ def finish(run: Run) -> dict:
     accelerator.end_training()
     accelerator.print(run_summary(cfg, run.out, results, run.stopper))
     return results
+
+
+def _release_accelerator_state() -> None:
+    """Let a later `train()` in the same process (a notebook, a test) use other precision or accumulation settings:
+    accelerate keeps them in a process-wide state that refuses to change once set. The distributed state (process
+    group) stays."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def _resume_command(cfg: Config) -> str:
