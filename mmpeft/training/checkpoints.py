@@ -12,6 +12,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from torch import nn
+
 from ..errors import CheckpointError  # noqa: F401  (raised here; importable from here too)
 
 CHECKPOINTS = "checkpoints"
@@ -150,3 +152,10 @@ def verify_checkpoint(path: Path) -> LoopState:
         raise CheckpointError(f"Refusing to load checkpoint {path}: " + "; ".join(problems)
                               + ". Its pickled states could run code; resume from a checkpoint mmpeft wrote.")
     return LoopState(**manifest["state"])
+
+
+def save_trainable_only(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+    """accelerate save_state hook: checkpoints hold trainable weights only, not a copy of the frozen backbone."""
+    for i, model in enumerate(models):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        weights[i] = {k: v for k, v in weights[i].items() if k in trainable}

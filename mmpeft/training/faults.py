@@ -119,3 +119,16 @@ def outlive_launcher(timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while os.getppid() == parent and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def resume_command() -> str:
+    """The command line that continues this run: the one that started it, plus `train.resume_from=latest`."""
+    import shlex
+    import sys
+
+    argv = [a for a in sys.argv[1:] if not a.startswith("train.resume_from=")]
+    if Path(sys.argv[0]).name in ("mmpeft", "cli.py"):
+        program = "mmpeft"
+    else:
+        program = f"{'accelerate launch' if launched_by_accelerate() else 'python'} {sys.argv[0]}"
+    return shlex.join([*program.split(), *argv, "train.resume_from=latest"])

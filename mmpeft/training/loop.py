@@ -30,13 +30,14 @@ from .checkpoints import (
     resolve_resume,
     resume_settings,
     save_checkpoint,
+    save_trainable_only,
     verify_checkpoint,
 )
 from .faults import (
-    launched_by_accelerate,
     loss_is_finite,
     out_of_memory_advice,
     outlive_launcher,
+    resume_command,
     stop_on_interrupt,
 )
 from .optim import EarlyStopping, build_optimizer, peak_memory_gib, resolve_mixed_precision, trainable_state
@@ -157,7 +158,7 @@ def _prepare(run: Run) -> None:
         run.model = accelerator.prepare(run.model)
     run.loaders = {"train": train_loader, **{name: accelerator.prepare(loaders[name])
                                              for name in ("eval", "test") if loaders.get(name) is not None}}
-    accelerator.register_save_state_pre_hook(_save_trainable_only)  # frozen weights come from the backbone
+    accelerator.register_save_state_pre_hook(save_trainable_only)  # frozen weights come from the backbone
     run.task.prepare(run.model, accelerator, run.data)
 
 
@@ -302,7 +303,7 @@ def _after_step(run: Run, loss: torch.Tensor, progress, interrupt) -> None:
         path = _checkpoint(run)
         outlive_launcher()
         raise TrainingError(f"Interrupted at step {state.step}; the training state is saved in {path}.\n"
-                            f"Continue with: {_resume_command(cfg)}")
+                            f"Continue with: {resume_command()}")
     if last:
         run.stop_reason = "max_steps" if cfg.train.max_steps else "epochs"
     elif run.stopper.should_stop:
@@ -382,26 +383,6 @@ def _release_accelerator_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-
-
-def _resume_command(cfg: Config) -> str:
-    """The command line that continues this run: the one that started it, plus `train.resume_from=latest`."""
-    import shlex
-    import sys
-
-    argv = [a for a in sys.argv[1:] if not a.startswith("train.resume_from=")]
-    if Path(sys.argv[0]).name in ("mmpeft", "cli.py"):
-        program = "mmpeft"
-    else:
-        program = f"{'accelerate launch' if launched_by_accelerate() else 'python'} {sys.argv[0]}"
-    return shlex.join([*program.split(), *argv, "train.resume_from=latest"])
-
-
-def _save_trainable_only(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-    """accelerate save_state hook: checkpoints hold trainable weights only, not a copy of the frozen backbone."""
-    for i, model in enumerate(models):
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
 
 
 def _scalars(metrics: dict) -> dict:
