@@ -19,12 +19,14 @@ __all__ = ["COMMANDS", "add_train_arguments", "build_parser", "config_from_args"
 COMMANDS = (add_train, add_eval, add_predict, add_push, add_card, add_data, add_compare, add_explain,
             add_backbones, add_merge, add_plan, add_inspect, add_embed, add_search, add_bench)
 
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="mmpeft", description="Fine-tune vision-language dual encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
     return parser
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()

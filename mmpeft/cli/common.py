@@ -17,6 +17,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop unreadable or invalid rows and report them (= data.skip_bad_rows=true)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 model.text.mode=frozen")
 
+
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None, *,
                          passthrough: bool = False) -> argparse.Namespace:
     """`parse_args`, with `section.key=value` overrides accepted before options too (`a=1 --config x b=2`):
@@ -35,10 +36,12 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
         args.overrides = [*args.overrides, *overrides]
     return args
 
+
 def config_from_args(args: argparse.Namespace):
     from ..config import load_config
 
     return load_config(args.config, [*args.overrides, *(["data.skip_bad_rows=true"] if args.skip_bad_rows else [])])
+
 
 def report_user_errors(run, prog: str) -> int:
     """Run `run()`; an error the user can fix (`MmpeftError`: config, data, path, checkpoint, ...) prints its message
@@ -52,3 +55,17 @@ def report_user_errors(run, prog: str) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    """Where a saved run's backbone is loaded from, for every command that loads one."""
+    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
+    p.add_argument("--trust-pickle-weights", action="store_true",
+                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
+
+
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    """How a manifest is batched and what happens to its bad rows, for every command that reads one."""
+    p.add_argument("--batch-size", type=int, help="examples per batch (default: the run's eval batch size)")
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers (capped at the cores; default 2)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")

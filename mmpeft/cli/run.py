@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_train_arguments, config_from_args
+from .common import add_backbone_arguments, add_batch_arguments, add_train_arguments, config_from_args
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -20,7 +20,9 @@ def _train(args: argparse.Namespace) -> int:
     push_after_training(cfg)
     return 0
 
+
 COLUMN_OPTIONS = {"image": "--image-column", "text": "--text-column", "label": "--label-column"}
+
 
 def _load_run(args: argparse.Namespace):
     """The saved model `--adapter` names (a run folder, or a Hub repo id at `--revision`) and whether it is a
@@ -42,6 +44,7 @@ def _load_run(args: argparse.Namespace):
     data_cfg.num_workers = args.num_workers
     return model, retrieval
 
+
 def _read_data(args: argparse.Namespace, model, *, labels: bool, label_names, retrieval: bool = False):
     from ..data.manifest import read_split
 
@@ -55,6 +58,7 @@ def _read_data(args: argparse.Namespace, model, *, labels: bool, label_names, re
         print(f"skipped {args.data} row {row}: {reason}", file=sys.stderr)
     return split
 
+
 def _eval_output(args: argparse.Namespace) -> Path:
     """Beside a local adapter; in the working folder for a repo id (the Hub cache is not the user's)."""
     from ..models.remote import is_repo_id
@@ -64,6 +68,7 @@ def _eval_output(args: argparse.Namespace) -> Path:
     if is_repo_id(args.adapter):
         return Path(f"eval-{args.adapter.replace('/', '--')}-{Path(args.data).stem}.json")
     return Path(args.adapter) / f"eval-{Path(args.data).stem}.json"
+
 
 def _eval(args: argparse.Namespace) -> int:
     """Score a saved classifier (report by class) or retrieval model (recall@k both ways) on a manifest."""
@@ -92,6 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
     accelerator.end_training()
     return 0
 
+
 def _predict(args: argparse.Namespace) -> int:
     from ..export.inference import predict, predict_manifest
 
@@ -115,6 +121,7 @@ def _predict(args: argparse.Namespace) -> int:
     print(json.dumps(predict(model, [args.image], [args.text or ""])[0], indent=2))
     return 0
 
+
 def _explain(args: argparse.Namespace) -> int:
     """Modality contribution, saliency, calibration and errors of a saved classifier, as a report folder."""
     from ..explain.report import check_budget, explain_run, parse_sections
@@ -135,31 +142,31 @@ def _explain(args: argparse.Namespace) -> int:
           f" {result['seconds']} s)")
     return 0
 
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a classifier or a retrieval model (`task=`; the same loop as the "
                        "recipes)")
     add_train_arguments(p)
     p.set_defaults(func=_train)
 
+
 def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
     """Where the saved model comes from, for every command that takes `--adapter`."""
     p.add_argument("--adapter", required=True, help="output folder of a training run, or a Hub repo id (owner/name) "
                    "it was pushed to (an existing local path wins)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub repo id (default main)")
-    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
-    p.add_argument("--trust-pickle-weights", action="store_true",
-                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
+    add_backbone_arguments(p)
     p.add_argument("--no-verify", action="store_true", help="accept weight files whose SHA-256 differs from the one "
                    "recorded at saving (e.g. an adapter you re-saved with stock peft)")
+
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """Reading a manifest whose columns may be named otherwise than in training."""
     p.add_argument("--image-column", help="column holding the image paths (default: the training run's)")
     p.add_argument("--text-column", help="column holding the captions (default: the training run's)")
     p.add_argument("--label-column", help="column holding the labels (default: the training run's)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
+    add_batch_arguments(p)
+
 
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained adapter on a manifest (labelled, or image-caption pairs for "
@@ -172,6 +179,7 @@ def add_eval(sub) -> None:
     add_data_arguments(p)
     p.set_defaults(func=_eval)
 
+
 def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="classify one image + text, or every row of a manifest into a JSONL file")
     add_adapter_arguments(p)
@@ -183,6 +191,7 @@ def add_predict(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_data_arguments(p)
     p.set_defaults(func=_predict)
+
 
 def add_explain(sub) -> None:
     p = sub.add_parser("explain", help="how much each modality decides, saliency maps, calibration and errors of a "

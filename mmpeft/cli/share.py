@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_backbone_arguments, add_batch_arguments
+
 
 def _push(args: argparse.Namespace) -> int:
     from ..export.hub import push
@@ -15,12 +17,14 @@ def _push(args: argparse.Namespace) -> int:
     print(f"pushed {args.out_dir} to {args.repo_id}: {url}")
     return 0
 
+
 def _card(args: argparse.Namespace) -> int:
     from ..export.card import write_card
 
     path = write_card(args.out_dir, base_model_id=args.base_model_id, repo_id=args.repo_id, overwrite=args.overwrite)
     print(f"model card written to {path}")
     return 0
+
 
 def _merge(args: argparse.Namespace) -> int:
     from ..export.merge import merge
@@ -34,12 +38,14 @@ def _merge(args: argparse.Namespace) -> int:
           f"mmpeft.load_adapter); report in {args.to}/merge_report.json")
     return 0
 
+
 def _inspect(args: argparse.Namespace) -> int:
     from ..export.inspection import format_inspection, inspect_run
 
     report = inspect_run(args.out_dir)
     print(json.dumps(report, indent=2) if args.json else format_inspection(report))
     return 0
+
 
 def _embed(args: argparse.Namespace) -> int:
     from ..export.embed import embed_manifest
@@ -53,6 +59,7 @@ def _embed(args: argparse.Namespace) -> int:
           f"to {summary['output']}{skipped}")
     return 0
 
+
 def _search(args: argparse.Namespace) -> int:
     from ..export.embed import format_hits, search
 
@@ -61,15 +68,6 @@ def _search(args: argparse.Namespace) -> int:
     print(json.dumps(hits, indent=2) if args.json else format_hits(hits))
     return 0
 
-def add_manifest_run_args(p) -> None:
-    """Where a saved model's backbone comes from, and how a manifest is read and batched (embed; main's
-    `add_adapter_arguments` / `add_data_arguments` replace it when this branch merges)."""
-    p.add_argument("--base", help="load the backbone from here instead of the recorded name")
-    p.add_argument("--trust-pickle-weights", action="store_true",
-                   help="also read a backbone stored as pytorch_model.bin (with torch.load weights_only=True)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable rows and report them")
 
 def add_push(sub) -> None:
     p = sub.add_parser("push", help="publish a run folder on the Hugging Face Hub in one commit (adapter, head, "
@@ -84,6 +82,7 @@ def add_push(sub) -> None:
     p.add_argument("--include-logs", action="store_true", help="also upload logs/ and log.txt")
     p.set_defaults(func=_push)
 
+
 def add_card(sub) -> None:
     p = sub.add_parser("card", help="write or refresh <run>/README.md, the model card `mmpeft push` uploads")
     p.add_argument("out_dir", help="output folder of a training run")
@@ -91,6 +90,7 @@ def add_card(sub) -> None:
     p.add_argument("--repo-id", help="the repo the card is for (used in its usage examples)")
     p.add_argument("--overwrite", action="store_true", help="replace a README.md that neither mmpeft nor peft wrote")
     p.set_defaults(func=_card)
+
 
 def add_merge(sub) -> None:
     p = sub.add_parser("merge", help="fold a trained adapter into its backbone: a standalone transformers folder")
@@ -103,11 +103,13 @@ def add_merge(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
     p.set_defaults(func=_merge)
 
+
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="which modules of each tower got LoRA (ranks, trained weights) and the saved files")
     p.add_argument("out_dir", help="output folder of a training run (or a merged folder)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_inspect)
+
 
 def add_embed(sub) -> None:
     p = sub.add_parser("embed", help="embed a manifest's images and captions with a retrieval model (safetensors)")
@@ -116,8 +118,10 @@ def add_embed(sub) -> None:
     p.add_argument("--what", default="both", choices=["both", "image", "text"], help="which embeddings to write")
     p.add_argument("--output", help="embeddings file (default: <model>/embeddings-<data name>.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing embeddings file")
-    add_manifest_run_args(p)
+    add_backbone_arguments(p)
+    add_batch_arguments(p)
     p.set_defaults(func=_embed)
+
 
 def add_search(sub) -> None:
     p = sub.add_parser("search", help="nearest images to a caption, or captions to an image, in an embeddings file")

@@ -12,6 +12,7 @@ from ..errors import MissingPathError, PathExistsError
 # live in the repository's benchmarks/ folder (a source checkout), never in the installed package.
 SPEED_HARNESS = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
+
 def _backbones(args: argparse.Namespace) -> int:
     from ..backbones import list_backbones
 
@@ -20,6 +21,7 @@ def _backbones(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['name']:<{width}}  {row['kind']:<10}  {row['description']}  (e.g. {row['example']})")
     return 0
+
 
 def _bench(args: argparse.Namespace) -> int:
     """Run benchmarks/speed.py of this source checkout with the given arguments; its exit code is ours."""
@@ -31,6 +33,7 @@ def _bench(args: argparse.Namespace) -> int:
                                "repository and run `pip install -e .` there, or run `python benchmarks/speed.py`.")
     return subprocess.run([sys.executable, str(SPEED_HARNESS), *args.harness_args]).returncode
 
+
 def _plan(args: argparse.Namespace) -> int:
     from ..plan import format_plan, plan
 
@@ -41,6 +44,7 @@ def _plan(args: argparse.Namespace) -> int:
           f"(estimated peak on {args.device})")
     print(format_plan(estimates, device=args.device, bits=args.bits))
     return 0
+
 
 def _write_world_set(out_dir: str, write) -> dict[str, Path]:
     """Run a world writer into `out_dir` (refusing a folder with other files in it) and list what it wrote."""
@@ -54,6 +58,7 @@ def _write_world_set(out_dir: str, write) -> dict[str, Path]:
         print(f"{split}: {path} ({len(path.read_text(encoding='utf-8').splitlines())} examples)")
     return paths
 
+
 def _make_sentiment(args: argparse.Namespace) -> int:
     from ..world.sentiment import write_sentiment
 
@@ -62,6 +67,7 @@ def _make_sentiment(args: argparse.Namespace) -> int:
     print(f"train on it: mmpeft train data.train={paths['train']} data.eval={paths['val']} data.test={paths['test']}")
     return 0
 
+
 def _make_fewshot(args: argparse.Namespace) -> int:
     from ..world.fewshot import write_fewshot
 
@@ -69,10 +75,12 @@ def _make_fewshot(args: argparse.Namespace) -> int:
                                                              seed=args.seed))
     return 0
 
+
 def _compare(args: argparse.Namespace) -> int:
     from ..compare.runner import run_from_args
 
     return run_from_args(args)
+
 
 def add_data(sub) -> None:
     data = sub.add_parser("data", help="write the built-in world's data sets as JPEG files + JSONL manifests")
@@ -92,6 +100,7 @@ def add_data(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="which examples are drawn (default 0)")
     p.set_defaults(func=_make_fewshot)
 
+
 def add_compare(sub) -> None:
     from ..compare.runner import add_compare_arguments
 
@@ -100,9 +109,11 @@ def add_compare(sub) -> None:
     add_compare_arguments(p)
     p.set_defaults(func=_compare)
 
+
 def add_backbones(sub) -> None:
     p = sub.add_parser("backbones", help="list supported backbone families and short names")
     p.set_defaults(func=_backbones)
+
 
 def add_plan(sub) -> None:
     p = sub.add_parser("plan", help="estimate peak memory of full / LoRA / QLoRA and which GPUs fit")
@@ -115,6 +126,7 @@ def add_plan(sub) -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cuda: tensor memory plus CUDA context; cpu: resident set with the imported libraries")
     p.set_defaults(func=_plan)
+
 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", add_help=False,
