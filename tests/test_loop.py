@@ -157,3 +157,57 @@ def test_a_tracker_that_is_not_installed_is_refused_before_anything_runs(tiny_pa
     with pytest.raises(ConfigError, match="pip install wandb"):
         train(_cfg(tiny_paths, tmp_path / "run", sixteen_examples, "train.tracker=wandb"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_while_saving_the_adapter_is_one_message(tiny_paths, sixteen_examples, tmp_path, monkeypatch):
+    """safetensors raises its own error on a full disk (torch.save a RuntimeError): one TrainingError naming the
+    folder, not a bare SafetensorError; the staged save leaves nothing half-written."""
+    from safetensors import SafetensorError
+
+    import mmpeft.models.saving as saving
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(saving, "save_file", full_disk)
+    with pytest.raises(TrainingError, match=r"Could not save the adapter of step \d+ into .*Free disk space"):
+        train(_cfg(tiny_paths, tmp_path / "run", sixteen_examples, "train.max_steps=1"))
+    assert not (tmp_path / "run" / "head.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_ends_with_the_resume_command(tiny_paths, sixteen_examples, tmp_path):
+    """A terminal Ctrl-C sends SIGINT to the whole process group: accelerate's launcher prints its own
+    KeyboardInterrupt traceback; the run checkpoints, waits for the launcher to go, and prints the resume command
+    last."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    recipe = Path(__file__).parents[1] / "recipes" / "lora_sentiment.py"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "run"
+    cmd = [str(accelerate), "launch", "--num_processes", "1", "--mixed_precision", "no", str(recipe),
+           f"model.name={tiny_paths['clip']}", f"data.train={sixteen_examples}", f"data.eval={sixteen_examples}",
+           f"train.output_dir={out}", "train.max_steps=100000", "train.eval_every=100000", *FAST]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while "trainable parameters" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)  # a few steps
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(15)  # the run saves its checkpoint and prints after the launcher has gone
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert "KeyboardInterrupt" in log.read_text()  # the launcher's, printed before ours
+    assert "train.resume_from=latest" in lines[-1] and "lora_sentiment.py" in lines[-1], lines[-6:]
+    assert any((out / "checkpoints").glob("step-*"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -48,6 +49,8 @@ from .trackers import flat_config, resolve_tracker, tracker_init_kwargs
 
 logger = logging.getLogger("mmpeft")
 BEST_WEIGHTS = "best_trainable.safetensors"
+# What writing weights raises when the disk is full or the folder unwritable (torch.save: "unexpected pos ...").
+SAVE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -322,8 +325,13 @@ def _evaluate(run: Run, split: str) -> dict:
 def _save_best(run: Run) -> None:
     if run.accelerator.is_main_process:
         backbone = run.backbone
-        save_adapter(run.accelerator.unwrap_model(run.model), run.out, run.cfg, backbone_name=backbone.name,
-                     backbone_revision=backbone.revision, fingerprint=backbone.fingerprint)
+        try:
+            save_adapter(run.accelerator.unwrap_model(run.model), run.out, run.cfg, backbone_name=backbone.name,
+                         backbone_revision=backbone.revision, fingerprint=backbone.fingerprint)
+        except SAVE_ERRORS as err:  # e.g. a full disk: safetensors and torch.save raise their own errors
+            raise TrainingError(f"Could not save the adapter of step {run.state.step} into {run.out}: {err}. "
+                                "The adapter saved before it, if any, is intact (saves are staged, then moved "
+                                "in). Free disk space and resume from the last checkpoint, or train again.") from err
 
 
 def _checkpoint(run: Run) -> Path:
@@ -332,7 +340,7 @@ def _checkpoint(run: Run) -> Path:
     extra = {BEST_WEIGHTS: lambda path: save_file(run.best_state, path)} if run.best_state is not None else {}
     try:
         return save_checkpoint(run.accelerator, run.out, state, extra, keep=run.cfg.train.keep_checkpoints)
-    except OSError as err:
+    except SAVE_ERRORS as err:  # a full disk: OSError, torch.save's RuntimeError, safetensors' SafetensorError
         raise TrainingError(f"Could not save the checkpoint of step {state.step} into {run.out}: {err}. "
                             "Earlier checkpoints are intact.") from err
 
