@@ -113,7 +113,7 @@ def setup(cfg: Config) -> Run:
     model = task.build_model(backbone, data)
     parameters = trainable_report(model)
     accelerator.print(f"backbone {backbone.name} ({backbone.family.name}), {task.describe(data)}")
-    accelerator.print(f"trainable parameters: {format_trainable(parameters)}")
+    accelerator.print(format_trainable(parameters))
     run = Run(cfg=cfg, out=out, accelerator=accelerator, task=task, backbone=backbone, data=data, model=model,
               loaders={}, parameters=parameters, state=LoopState(settings=resume_settings(flat_config(cfg.to_dict()))),
               stopper=EarlyStopping(cfg.train.metric_for_best, cfg.train.early_stopping_patience))
