@@ -74,8 +74,9 @@ def test_end_to_end_smoke_run_reads_mmpeft_train(tmp_path):
 
 def test_bench_outside_a_source_checkout_says_why(monkeypatch, tmp_path, capsys):
     from mmpeft import cli
+    from mmpeft.cli import tools
 
-    monkeypatch.setattr(cli, "SPEED_HARNESS", tmp_path / "benchmarks" / "speed.py")
+    monkeypatch.setattr(tools, "SPEED_HARNESS", tmp_path / "benchmarks" / "speed.py")
     assert cli.main(["bench", "--shapes", "tiny"]) == 2
     assert "source checkout" in capsys.readouterr().err
 
