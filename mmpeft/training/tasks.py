@@ -1,14 +1,16 @@
-"""What kind of run it is: a task object owns its model builder, loss, evaluation, report and default metric, so the
+"""What kind of run it is: a task object owns its model builder, loss, evaluation and report (its default metric is
+`config.TASK_METRICS[name][0]`), so the
 loop never asks which task it runs. A new task (captioning, say) is one new class registered in `TASKS`."""
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import TASK_METRICS, Config
+from ..config import Config
 from ..models.classifier import build_classifier
 from ..models.retrieval import build_retrieval_model, contrastive_loss_across_processes
 from .evaluation import evaluate, evaluate_retrieval
@@ -17,36 +19,37 @@ from .optim import class_weights
 
 
 @dataclass
-class Task:
+class Task(abc.ABC):
     """Base: the parts of a run that depend on what is learnt. `prepare` is called once the accelerator has put the
-    model on its device; `loss` and `evaluate` take the prepared (possibly wrapped) model."""
+    model on its device; `loss` and `evaluate` take the prepared (possibly wrapped) model. A task implements the
+    four abstract methods; the others have defaults."""
 
     cfg: Config
     name = "task"
     shown_metric = "loss"  # printed beside `train.metric_for_best` at each evaluation
 
-    @property
-    def default_metric(self) -> str:
-        return TASK_METRICS[self.name][0]
-
     def needs_text(self) -> bool:
         """Whether every row must have a caption."""
         return True
 
+    @abc.abstractmethod
     def build_model(self, backbone, data) -> nn.Module:
-        raise NotImplementedError
+        """The model over the backbone's towers (adapters attached as the config asks)."""
 
     def prepare(self, model: nn.Module, accelerator, data) -> None:
         """Set up what the loss and the evaluation need on the accelerator's device."""
 
+    @abc.abstractmethod
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
+        """The training loss of one batch (a scalar the loop back-propagates)."""
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module, loader, accelerator) -> dict:
-        raise NotImplementedError
+        """The metrics of a whole split, gathered across processes."""
 
+    @abc.abstractmethod
     def report(self, metrics: dict) -> str:
-        raise NotImplementedError
+        """Metrics as the table a run prints."""
 
     def before_training(self, model: nn.Module, loaders: dict, accelerator) -> dict:
         """Metrics of the model as built, recorded beside the trained ones (e.g. zero-shot recall)."""
