@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mmpeft.compare.runner import CONFIGS, TASK_OVERRIDES, compare, plan_configs, subsample_manifest
-from mmpeft.compare.report import F1_VS_SHOTS, MEASURES, markdown, write_report
 from mmpeft.compare.child import run_child
+from mmpeft.compare.report import F1_VS_SHOTS, MEASURES, markdown, write_report
+from mmpeft.compare.runner import CONFIGS, TASK_OVERRIDES, compare, plan_configs, subsample_manifest
 from mmpeft.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from mmpeft.data import (Collator, DataError, MultimodalDataset, Split, TextEncoding, class_counts, encode_texts,
-                         label_names_from, read_split)
+from mmpeft.data import (
+    Collator,
+    DataError,
+    MultimodalDataset,
+    Split,
+    TextEncoding,
+    class_counts,
+    encode_texts,
+    label_names_from,
+    read_split,
+)
 
 ROWS = [("a.jpg", "a sunny day", "pos", (250, 200, 40)),
         ("b.png", "so gloomy", "neg", (40, 50, 90)),

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_saved_weights, write_manifest
 from safetensors.torch import load_file
 
 from mmpeft import load_config
 from mmpeft.training.loop import train
-
-from conftest import assert_same_saved_weights, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.tracker=null", "train.mixed_precision=no", "data.num_workers=0"]

@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_adapters import (
+    TOWER_COMBOS,
+    _assert_grads,
+    _batch,
+    _config,
+    _head_towers,
+    _plain,
+    _randomize_lora_b,
+    _train_step,
+)
 
 from mmpeft import build_classifier, load_adapter, load_backbone, load_config, save_adapter
-from mmpeft.models.adapters import lora_module_names
 from mmpeft.backbones import BackboneError, get_family
 from mmpeft.config import HEAD_TYPES
-from test_adapters import (TOWER_COMBOS, _assert_grads, _batch, _config, _head_towers, _plain, _randomize_lora_b,
-                           _train_step)
+from mmpeft.models.adapters import lora_module_names
 
 VARIANTS = ("torchvision", "vit", "hf-resnet", "timm")
 TEXTS = ["a happy dog", "a sad cat sitting in the rain on a cold grey day"]

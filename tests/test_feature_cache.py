@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from mmpeft import build_classifier, build_dataloaders, load_backbone, load_config
-from mmpeft.models.feature_cache import FeatureCache, cache_blockers, cache_key, tower_weights_sha256, tower_modules
+from mmpeft.models.feature_cache import FeatureCache, cache_blockers, cache_key, tower_modules, tower_weights_sha256
 
 
 def _setup(tiny_paths, manifest, *overrides):

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import cat_dog_rows, train_quick_run
 from hub_server import FakeHub
+
 from mmpeft import load_adapter
 
 TOKEN = "hf_TESTtoken_do_not_leak_123"

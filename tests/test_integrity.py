@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cat_dog_rows, train_quick_run, write_manifest
 from safetensors.torch import load_file, save_file
 
-from conftest import cat_dog_rows, train_quick_run, write_manifest
 from mmpeft import Predictions, build_classifier, load_adapter, load_backbone, load_config, predict
 from mmpeft.cli import main
 from mmpeft.errors import AdapterError

@@ -9,13 +9,21 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from test_adapters import (
+    TOWER_COMBOS,
+    _assert_grads,
+    _batch,
+    _config,
+    _head_towers,
+    _plain,
+    _randomize_lora_b,
+    _train_step,
+)
 
 from mmpeft import build_classifier, get_family, load_adapter, load_backbone, save_adapter
-from mmpeft.models.adapters import lora_module_names, pin_mha_base_weights
 from mmpeft.backbones import BackboneError
 from mmpeft.config import HEAD_TYPES
-from test_adapters import (TOWER_COMBOS, _assert_grads, _batch, _config, _head_towers, _plain, _randomize_lora_b,
-                           _train_step)
+from mmpeft.models.adapters import lora_module_names, pin_mha_base_weights
 
 TEXTS = ["a photo of a cat", "What a LOVELY day!!  really", "two dogs & a ball, 3 cats"]
 
@@ -280,11 +288,11 @@ def test_fsdp2_two_ranks_match_one_process(tiny_open_clip, tmp_path):
     wrapped) training still ends where one process with twice the batch ends."""
     from pathlib import Path
 
-
     from conftest import assert_same_saved_weights, write_manifest
+    from test_distributed import QUIET, launch_two_ranks
+
     from mmpeft import train
     from mmpeft.config import load_config
-    from test_distributed import QUIET, launch_two_ranks
 
     root = Path(__file__).resolve().parents[1]
     fsdp = (root / "recipes" / "accelerate" / "cpu_fsdp2_two_ranks.yaml").read_text()

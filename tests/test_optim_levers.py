@@ -19,7 +19,6 @@ from mmpeft.training.optim import (
 )
 
 
-
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 3))

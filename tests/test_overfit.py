@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 import torch
-
 from conftest import FAMILIES
+
 from mmpeft import get_family, load_config, train
 
 train_module = importlib.import_module("mmpeft.training.tasks")  # where the task builds its classifier

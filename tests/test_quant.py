@@ -14,8 +14,16 @@ from mmpeft import build_classifier, get_family, load_adapter, load_backbone, lo
 from mmpeft.config import QuantConfig  # noqa: E402
 from mmpeft.export.merge import probe_batch  # noqa: E402
 from mmpeft.models.classifier import enable_gradient_checkpointing  # noqa: E402
-from mmpeft.quant import (QuantizationError, bnb_config, check_device, matches,  # noqa: E402
-                          quantization_report, quantize_linears, quantized_modules, skip_patterns)
+from mmpeft.quant import (  # noqa: E402
+    QuantizationError,
+    bnb_config,
+    check_device,
+    matches,
+    quantization_report,
+    quantize_linears,
+    quantized_modules,
+    skip_patterns,
+)
 from mmpeft.training.optim import build_optimizer  # noqa: E402
 
 FAMILIES = ("clip", "siglip", "blip")

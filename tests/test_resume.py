@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_manifest
 from safetensors.torch import load_file
 
 from mmpeft import load_config
-from mmpeft.training.checkpoints import CheckpointError, list_checkpoints, verify_checkpoint
 from mmpeft.data.augment import ImageAugment
+from mmpeft.training.checkpoints import CheckpointError, list_checkpoints, verify_checkpoint
 from mmpeft.training.faults import TrainingError
 from mmpeft.training.loop import train
-
-from conftest import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.tracker=null", "train.mixed_precision=no"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_manifest
+
 from mmpeft import DataError, contrastive_loss, load_adapter, load_config, load_retrieval_model, train
 from mmpeft.training.metrics import retrieval_metrics
 from mmpeft.world.retrieval import retrieval_pair, write_retrieval

@@ -10,11 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_manifest
 from torch import nn
 
-from conftest import write_manifest
-from mmpeft import (BackboneError, build_classifier, build_dataloaders, evaluate, get_family, load_adapter,
-                    load_backbone, load_config, predict_logits, save_adapter, train)
+from mmpeft import (
+    BackboneError,
+    build_classifier,
+    build_dataloaders,
+    evaluate,
+    get_family,
+    load_adapter,
+    load_backbone,
+    load_config,
+    predict_logits,
+    save_adapter,
+    train,
+)
 from mmpeft.models.saving import read_manifest
 from mmpeft.training.optim import build_optimizer, class_weights
 
