@@ -119,3 +119,6 @@ def tower_params(family: str, path, tower: str) -> set[str]:
     return names
 
 
+def head_towers(head: str, mode: str = "lora") -> tuple[str, str]:
+    """The tower modes for a head: `mode` on the towers it reads, frozen on the one it never runs."""
+    return {"text_only": (mode, "frozen"), "image_only": ("frozen", mode)}.get(head, (mode, mode))

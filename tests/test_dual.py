@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_adapters import (
+from lora_helpers import (
     TOWER_COMBOS,
-    _assert_grads,
-    _batch,
-    _config,
-    _head_towers,
-    _plain,
-    _randomize_lora_b,
-    _train_step,
+    assert_grads,
+    head_towers,
+    make_batch,
+    make_config,
+    plain,
+    randomize_lora_b,
+    train_step,
 )
 
 from mmpeft import build_classifier, load_adapter, load_backbone, load_config, save_adapter
@@ -67,7 +67,7 @@ def test_loads_each_vision_library(tiny_dual, variant):
     assert backbone.max_text_length == 64 and backbone.text_padding == "longest"
     assert config.num_layers["text"] == 2
     assert not backbone.model.training and not any(p.requires_grad for p in backbone.model.parameters())
-    batch = _batch(backbone, TEXTS)
+    batch = make_batch(backbone, TEXTS)
     with torch.no_grad():
         text = backbone.family.encode_text(backbone.model, batch["input_ids"], batch["attention_mask"])
         image = backbone.family.encode_image(backbone.model, batch["pixel_values"])
@@ -80,7 +80,7 @@ def test_loads_each_vision_library(tiny_dual, variant):
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_text_embedding_independent_of_batch_mates(tiny_dual, pooling):
     backbone = load_backbone(tiny_dual["torchvision"] + f",pooling={pooling}")
-    short, mixed = _batch(backbone, TEXTS[:1]), _batch(backbone, TEXTS)
+    short, mixed = make_batch(backbone, TEXTS[:1]), make_batch(backbone, TEXTS)
     assert mixed["input_ids"].shape[1] > short["input_ids"].shape[1]
     with torch.no_grad():
         alone = backbone.family.encode_text(backbone.model, short["input_ids"], short["attention_mask"]).pooled
@@ -130,7 +130,7 @@ def test_random_vision_towers_are_refused_unless_asked_for(tiny_dual, tower):
 @pytest.mark.parametrize("text_mode,vision_mode", TOWER_COMBOS, ids=lambda m: m)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tower_modes_train_exactly_the_intended_parameters(tiny_dual, variant, text_mode, vision_mode):
-    backbone, model = _classifier(tiny_dual[variant], _config(text_mode, vision_mode))
+    backbone, model = _classifier(tiny_dual[variant], make_config(text_mode, vision_mode))
     expected_lora = (BERT_LORA if text_mode == "lora" else set()) | (
         VISION_LORA[variant] if vision_mode == "lora" else set())
     assert set(lora_module_names(model.backbone)) == expected_lora
@@ -140,34 +140,34 @@ def test_tower_modes_train_exactly_the_intended_parameters(tiny_dual, variant, t
     for tower, mode in (("text", text_mode), ("vision", vision_mode)):
         if mode == "full":
             expected |= {n for n, _ in fresh.named_parameters() if backbone.family.tower_of(n) == tower}
-    assert {_plain(n) for n, p in model.named_parameters() if p.requires_grad} == expected
+    assert {plain(n) for n, p in model.named_parameters() if p.requires_grad} == expected
     assert not any("pooler" in n for n, _ in model.named_parameters())  # never loaded: it would never train
-    _randomize_lora_b(model)
-    _train_step(model, _batch(backbone, TEXTS))
-    _assert_grads(model)
+    randomize_lora_b(model)
+    train_step(model, make_batch(backbone, TEXTS))
+    assert_grads(model)
 
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 @pytest.mark.parametrize("head", [h for h in HEAD_TYPES if h != "prompt"])
 def test_every_head(tiny_dual, head, mode):
-    backbone, model = _classifier(tiny_dual["torchvision"], _config(*_head_towers(head, mode), head),
+    backbone, model = _classifier(tiny_dual["torchvision"], make_config(*head_towers(head, mode), head),
                                   ["cat", "dog", "bird"])
-    _randomize_lora_b(model)
-    batch = _batch(backbone, TEXTS)
+    randomize_lora_b(model)
+    batch = make_batch(backbone, TEXTS)
     batch["labels"] = torch.tensor([0, 2])
-    logits = _train_step(model, batch)
+    logits = train_step(model, batch)
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
-    _assert_grads(model)
+    assert_grads(model)
 
 
 def test_prompt_head_needs_equal_widths(tiny_dual):
     with pytest.raises(ValueError, match="`head.type=prompt` needs text and image embeddings of one width, got 32 "
                                          "and 512"):
-        _classifier(tiny_dual["torchvision"], _config("frozen", "lora", "prompt"))
-    backbone, model = _classifier(tiny_dual["vit"], _config("lora", "lora", "prompt"), ["cat", "dog", "bird"])
-    _randomize_lora_b(model)  # both towers 32 wide: the prompt head works
-    _train_step(model, _batch(backbone, TEXTS))
-    _assert_grads(model)
+        _classifier(tiny_dual["torchvision"], make_config("frozen", "lora", "prompt"))
+    backbone, model = _classifier(tiny_dual["vit"], make_config("lora", "lora", "prompt"), ["cat", "dog", "bird"])
+    randomize_lora_b(model)  # both towers 32 wide: the prompt head works
+    train_step(model, make_batch(backbone, TEXTS))
+    assert_grads(model)
 
 
 # --- BatchNorm and saving -------------------------------------------------------------------------------------------
@@ -179,11 +179,11 @@ def _trained(name, cfg_extra, tmp_path, steps=2):
     backbone = load_backbone(name)
     before = _bn_buffers(backbone.model.vision_model)
     model = build_classifier(backbone, cfg, ["negative", "positive"])
-    _randomize_lora_b(model)
-    batch = _batch(backbone, TEXTS)
+    randomize_lora_b(model)
+    batch = make_batch(backbone, TEXTS)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
-        _train_step(model, batch)
+        train_step(model, batch)
         optimizer.step()
     save_adapter(model, tmp_path, cfg, backbone_name=backbone.name, backbone_revision=None,
                  fingerprint=backbone.fingerprint)
@@ -236,16 +236,16 @@ def test_quantized_dual_encoder_trains_and_reports(tiny_dual):
     assert backbone.fingerprint == load_backbone(name).fingerprint
     names = quantized_modules(backbone.model)
     assert names and all(n.startswith("text_model.encoder.layer.") for n in names)  # a ResNet has no nn.Linear left
-    model = build_classifier(backbone, _config("lora", "lora", "concat", "full", "model.quantization={bits: 4}"),
+    model = build_classifier(backbone, make_config("lora", "lora", "concat", "full", "model.quantization={bits: 4}"),
                              ["negative", "positive"])
     report = quantization_report(model.backbone, backbone.family, quant)
     assert report["quantized"]["modules"] == len(names)
     kept = report["kept"]["not a plain nn.Linear (embeddings, norms, convolutions, MultiheadAttention, bare parameters)"]
     assert "Conv2d" in kept["modules"] and kept["dtypes"] == ["bfloat16"]
     assert "kept in bfloat16" in format_quantization_report(report)
-    _randomize_lora_b(model)
-    _train_step(model, _batch(backbone, TEXTS))
-    _assert_grads(model)
+    randomize_lora_b(model)
+    train_step(model, make_batch(backbone, TEXTS))
+    assert_grads(model)
 
 
 def test_quantized_open_clip_keeps_attention_in_bf16(tiny_open_clip):
@@ -260,10 +260,10 @@ def test_quantized_open_clip_keeps_attention_in_bf16(tiny_open_clip):
                                    for i in range(2) for m in ("c_fc", "c_proj"))
     attention = backbone.model.text.transformer.resblocks[0].attn
     assert attention.in_proj_weight.dtype == attention.out_proj.weight.dtype == torch.bfloat16
-    model = build_classifier(backbone, _config("lora", "lora"), ["negative", "positive"])
-    _randomize_lora_b(model)
-    _train_step(model, _batch(backbone, TEXTS))
-    _assert_grads(model)
+    model = build_classifier(backbone, make_config("lora", "lora"), ["negative", "positive"])
+    randomize_lora_b(model)
+    train_step(model, make_batch(backbone, TEXTS))
+    assert_grads(model)
 
 
 # --- real pretrained weights: all-MiniLM-L6-v2 ------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_helpers import FAMILIES, assert_grads, make_batch, make_classifier, make_config, randomize_lora_b, train_step
+from lora_helpers import (FAMILIES, assert_grads, head_towers, make_batch, make_classifier, make_config, randomize_lora_b,
+                          train_step)
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -15,16 +16,11 @@ from mmpeft.config import HEAD_TYPES, load_config
 # --- heads ----------------------------------------------------------------------------------------------------
 
 
-def _head_towers(head: str, mode: str = "lora") -> tuple[str, str]:
-    """The tower modes for a head: `mode` on the towers it reads, frozen on the one it never runs."""
-    return {"text_only": (mode, "frozen"), "image_only": ("frozen", mode)}.get(head, (mode, mode))
-
-
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 @pytest.mark.parametrize("head", HEAD_TYPES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_head_on_every_family(tiny_paths, family, head, mode):
-    text_mode, vision_mode = _head_towers(head, mode)
+    text_mode, vision_mode = head_towers(head, mode)
     labels = ["cat", "dog", "bird"]
     backbone, model = make_classifier(tiny_paths[family], make_config(text_mode, vision_mode, head), labels)
     assert any(p.requires_grad for p in model.head.parameters())
@@ -51,7 +47,7 @@ def test_unimodal_head_needs_unused_tower_frozen(head, unused):
 
 @pytest.mark.parametrize("head", HEAD_TYPES)
 def test_frozen_head_trains_nothing_in_the_head(tiny_paths, head):
-    backbone, model = make_classifier(tiny_paths["clip"], make_config(*_head_towers(head), head, "frozen"))
+    backbone, model = make_classifier(tiny_paths["clip"], make_config(*head_towers(head), head, "frozen"))
     assert not any(p.requires_grad for p in model.head.parameters())
     randomize_lora_b(model)
     train_step(model, make_batch(backbone))
@@ -62,7 +58,7 @@ def test_frozen_head_trains_nothing_in_the_head(tiny_paths, head):
 @pytest.mark.parametrize("head", [h for h in HEAD_TYPES if h != "prompt"])
 @pytest.mark.parametrize("family", ["clip", "blip"])
 def test_lora_head_trains_only_its_adapters(tiny_paths, family, head):
-    backbone, model = make_classifier(tiny_paths[family], make_config(*_head_towers(head), head, "lora"))
+    backbone, model = make_classifier(tiny_paths[family], make_config(*head_towers(head), head, "lora"))
     head_trainable = [n for n, p in model.head.named_parameters() if p.requires_grad]
     assert head_trainable and all("lora_" in n for n in head_trainable)
     # Every nn.Linear of the head got an adapter: the only plain Linears left are LoRA's own and wrapped bases.

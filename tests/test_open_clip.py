@@ -8,17 +8,17 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-from test_adapters import (
+from lora_helpers import (
     TOWER_COMBOS,
-    _assert_grads,
-    _batch,
-    _config,
-    _head_towers,
-    _plain,
-    _randomize_lora_b,
-    _train_step,
+    assert_grads,
+    head_towers,
+    make_batch,
+    make_config,
+    plain,
+    randomize_lora_b,
+    train_step,
 )
+from peft import PeftModel
 
 from mmpeft import build_classifier, get_family, load_adapter, load_backbone, save_adapter
 from mmpeft.backbones import BackboneError
@@ -61,7 +61,7 @@ def test_loads_offline_and_matches_open_clip(tiny_open_clip):
     ids = backbone.tokenizer(TEXTS, truncation=True, max_length=77, padding=False)["input_ids"]
     assert ids == [row[row != 0].tolist() for row in reference]
     native = _native(tiny_open_clip)  # classic CLIP layout: the text tower's parts at the top level
-    batch = _batch(backbone, TEXTS)
+    batch = make_batch(backbone, TEXTS)
     assert batch["input_ids"].shape[1] < 77
     with torch.no_grad():
         text = backbone.family.encode_text(backbone.model, batch["input_ids"], batch["attention_mask"])
@@ -76,7 +76,7 @@ def test_loads_offline_and_matches_open_clip(tiny_open_clip):
 
 def test_text_embedding_independent_of_batch_mates(tiny_open_clip):
     backbone = load_backbone(tiny_open_clip)
-    short, mixed = _batch(backbone, TEXTS[:2]), _batch(backbone, TEXTS[:2] + ["a " * 40 + "long one"])
+    short, mixed = make_batch(backbone, TEXTS[:2]), make_batch(backbone, TEXTS[:2] + ["a " * 40 + "long one"])
     assert mixed["input_ids"].shape[1] > short["input_ids"].shape[1]
     with torch.no_grad():
         alone = backbone.family.encode_text(backbone.model, short["input_ids"], short["attention_mask"]).pooled
@@ -136,7 +136,7 @@ def _expected_lora(tower: str, layers=range(2)) -> set[str]:
 @pytest.mark.parametrize("text_mode,vision_mode", TOWER_COMBOS, ids=lambda m: m)
 def test_tower_modes_train_exactly_the_intended_parameters(tiny_open_clip, text_mode, vision_mode):
     backbone = load_backbone(tiny_open_clip)
-    model = build_classifier(backbone, _config(text_mode, vision_mode), ["negative", "positive"])
+    model = build_classifier(backbone, make_config(text_mode, vision_mode), ["negative", "positive"])
     modes = {"text": text_mode, "vision": vision_mode}
     expected_lora, expected_trainable = set(), {f"head.{n}" for n, _ in model.head.named_parameters()}
     fresh = load_backbone(tiny_open_clip).model
@@ -150,31 +150,31 @@ def test_tower_modes_train_exactly_the_intended_parameters(tiny_open_clip, text_
         elif mode == "full":
             expected_trainable |= {n for n, _ in fresh.named_parameters() if backbone.family.tower_of(n) == tower}
     assert set(lora_module_names(model.backbone)) == expected_lora
-    trainable = {_plain(n).replace(".base_layer.", ".") if "lora_" not in n else _plain(n)
+    trainable = {plain(n).replace(".base_layer.", ".") if "lora_" not in n else plain(n)
                  for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == expected_trainable
     assert not model.base.logit_scale.requires_grad
-    _randomize_lora_b(model)
-    _train_step(model, _batch(backbone, TEXTS[:2]))
-    _assert_grads(model)
+    randomize_lora_b(model)
+    train_step(model, make_batch(backbone, TEXTS[:2]))
+    assert_grads(model)
 
 
 @pytest.mark.parametrize("mode", ["frozen", "lora", "full"])
 @pytest.mark.parametrize("head", HEAD_TYPES)
 def test_every_head(tiny_open_clip, head, mode):
     backbone = load_backbone(tiny_open_clip)
-    model = build_classifier(backbone, _config(*_head_towers(head, mode), head), ["cat", "dog", "bird"])
-    _randomize_lora_b(model)
-    batch = _batch(backbone, TEXTS[:2])
+    model = build_classifier(backbone, make_config(*head_towers(head, mode), head), ["cat", "dog", "bird"])
+    randomize_lora_b(model)
+    batch = make_batch(backbone, TEXTS[:2])
     batch["labels"] = torch.tensor([0, 2])
-    logits = _train_step(model, batch)
+    logits = train_step(model, batch)
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
-    _assert_grads(model)
+    assert_grads(model)
 
 
 def test_lora_on_last_layer_only(tiny_open_clip):
     backbone = load_backbone(tiny_open_clip)
-    model = build_classifier(backbone, _config("lora", "lora", "concat", "full", "model.text.lora.layers=1"), ["a", "b"])
+    model = build_classifier(backbone, make_config("lora", "lora", "concat", "full", "model.text.lora.layers=1"), ["a", "b"])
     assert set(lora_module_names(model.backbone)) == _expected_lora("text", [1]) | _expected_lora("vision")
 
 
@@ -185,15 +185,15 @@ def test_frozen_weights_stay_bit_exact_under_mha_lora(tiny_open_clip):
 
     def bf16_classifier():
         backbone = load_backbone(tiny_open_clip, dtype="bfloat16")
-        return backbone, build_classifier(backbone, _config("lora", "lora"), ["negative", "positive"])
+        return backbone, build_classifier(backbone, make_config("lora", "lora"), ["negative", "positive"])
 
     backbone, model = bf16_classifier()
     before = {k: v.clone() for k, v in load_backbone(tiny_open_clip, dtype="bfloat16").model.state_dict().items()}
-    _randomize_lora_b(model)
-    batch = _batch(backbone, TEXTS[:2])
+    randomize_lora_b(model)
+    batch = make_batch(backbone, TEXTS[:2])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
-        _train_step(model, batch)
+        train_step(model, batch)
         optimizer.step()
     model.eval()
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_frozen_weights_stay_bit_exact_under_mha_lora(tiny_open_clip):
     plain = load_backbone(tiny_open_clip, dtype="bfloat16").model
     weight = plain.visual.transformer.resblocks[0].attn.in_proj_weight.detach().clone()
     peft_model = get_peft_model(plain, LoraConfig(r=4, target_modules=r"visual\.transformer\.resblocks\.\d+\.attn"))
-    _randomize_lora_b(peft_model)
+    randomize_lora_b(peft_model)
     with torch.no_grad():
         for _ in range(5):
             plain.visual(batch["pixel_values"].bfloat16())
@@ -217,14 +217,14 @@ def test_frozen_weights_stay_bit_exact_under_mha_lora(tiny_open_clip):
 
 def test_dora_and_compile_are_refused(tiny_open_clip, monkeypatch):
     backbone = load_backbone(tiny_open_clip)
-    cfg = _config("lora", "lora", "concat", "full", "model.text.lora.use_dora=true", "model.vision.lora.use_dora=true")
+    cfg = make_config("lora", "lora", "concat", "full", "model.text.lora.use_dora=true", "model.vision.lora.use_dora=true")
     with pytest.raises(ValueError, match="peft could not attach the adapter .*MultiheadAttention does not support "
                                          "DoRA"):
         build_classifier(backbone, cfg, ["a", "b"])
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
     with pytest.raises(ValueError, match=r"cannot be compiled: .*dynamo_backend=inductor"):
-        build_classifier(load_backbone(tiny_open_clip), _config("lora", "frozen"), ["a", "b"])
-    build_classifier(load_backbone(tiny_open_clip), _config("frozen", "frozen"), ["a", "b"])  # nothing to compile
+        build_classifier(load_backbone(tiny_open_clip), make_config("lora", "frozen"), ["a", "b"])
+    build_classifier(load_backbone(tiny_open_clip), make_config("frozen", "frozen"), ["a", "b"])  # nothing to compile
 
 
 # --- saving -------------------------------------------------------------------------------------------------------
@@ -241,11 +241,11 @@ def test_stock_peft_round_trip_and_merge(tiny_open_clip, tmp_path, modes):
                              "model.vision.lora.dropout=0"])
     backbone = load_backbone(tiny_open_clip)
     model = build_classifier(backbone, cfg, ["negative", "positive"])
-    _randomize_lora_b(model)
-    batch = _batch(backbone, TEXTS)
+    randomize_lora_b(model)
+    batch = make_batch(backbone, TEXTS)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
-        _train_step(model, batch)
+        train_step(model, batch)
         optimizer.step()
     save_adapter(model, tmp_path, cfg, backbone_name=backbone.name, backbone_revision=None,
                  fingerprint=backbone.fingerprint)
