@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lora_helpers import (FAMILIES, assert_grads, head_towers, make_batch, make_classifier, make_config, randomize_lora_b,
-                          train_step)
+from lora_helpers import (FAMILIES, assert_grads, head_towers, make_batch, make_classifier, make_config,
+                          randomize_lora_b, train_step)
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -99,7 +99,8 @@ def test_prompt_head_starts_as_zero_shot_clip(tiny_paths):
 
 
 def test_prompt_head_with_lora_text_reencodes_classes(tiny_paths):
-    backbone, model = make_classifier(tiny_paths["clip"], make_config("lora", "frozen", "prompt"), ["cat", "dog", "bird"])
+    cfg = make_config("lora", "frozen", "prompt")
+    backbone, model = make_classifier(tiny_paths["clip"], cfg, ["cat", "dog", "bird"])
     assert model.head.class_embeds is None
     assert [n for n, _ in model.head.named_parameters()] == ["logit_scale"]
     batch = make_batch(backbone)
