@@ -93,22 +93,33 @@ def build_mmpeft_step(args, tokens: int | None = None):
 
 
 class MmpeftStep:
-    """The loop's step in its three parts (the profiler times each): loss, backward, clipped optimizer update."""
+    """The loop's step (`mmpeft/training/step.py: device_checked_step`) in its three parts (the profiler times
+    each): loss, backward, clipped optimizer update with the non-finite check on the device."""
 
     def __init__(self, model, optimizer, accelerator, train_cfg):
         import torch
 
+        from mmpeft.training.faults import NonFiniteSkip
+
         self.model, self.optimizer, self.accelerator, self.cfg = model, optimizer, accelerator, train_cfg
         self.cross_entropy = torch.nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
+        skip = NonFiniteSkip(optimizer, accelerator.device)
+        self.nonfinite = skip if skip.on_device else None
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.steps = 0
 
     def loss(self, batch: dict):
-        return self.cross_entropy(self.model(**batch).float(), batch["labels"])
+        self._loss = self.cross_entropy(self.model(**batch).float(), batch["labels"])  # the check reads it
+        return self._loss
 
     def backward(self, loss) -> None:
         self.accelerator.backward(loss)
 
     def update(self) -> None:
-        self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.steps += 1
+        if self.nonfinite is not None:
+            self.nonfinite.check(self._loss, self.trainable, self.steps, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -178,17 +189,11 @@ def step_seconds_from_run(out: Path, metrics: dict, batch: int) -> tuple[list[fl
 def mmpeft_e2e(args, checkpoint: Path, manifest: Path, work: Path, run: int) -> dict:
     """`mmpeft train` itself, one epoch (or `--steps`), in a fresh process; its metrics.json read back."""
     out = work / f"mmpeft-{run}"
-    try:
-        import tensorboard  # noqa: F401
-
-        tracker = "tensorboard"
-    except ImportError:
-        tracker = "null"
-    workers = ["data.num_workers=0"] if (os.cpu_count() or 1) <= 2 else []  # 2 cores: workers slow it down
+    # Loader workers as `mmpeft train` picks them (none on 2 cores); per-step seconds from its metrics.json.
     cmd = [sys.executable, "-m", "mmpeft.cli", "train", *mmpeft_overrides(checkpoint, args.mode, args.precision, []),
            f"data.train={manifest}", f"data.batch_size={args.batch}", "train.epochs=1", f"train.max_steps={args.steps}",
-           f"train.output_dir={out}", "train.progress=false", "train.log_every=1", f"train.tracker={tracker}",
-           f"train.seed={args.seed}", *workers, *args.mmpeft]
+           f"train.output_dir={out}", "train.progress=false", "train.tracker=null", f"train.seed={args.seed}",
+           *args.mmpeft]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=not args.verbose, env=_child_env(args))
     wall = time.perf_counter() - started

@@ -4,6 +4,7 @@ says why it is off."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmpeft import build_classifier, build_dataloaders, load_backbone, load_config
@@ -89,3 +90,52 @@ def test_cache_says_why_it_is_off(tiny_paths, sixteen_examples):
     model.base.vision_model.add_module("extra_dropout", dropout)  # a frozen tower held in train mode
     dropout.train()
     assert any("dropout" in r for r in cache_blockers(model, "vision"))
+
+
+# --- the cache in the training loop (mmpeft/training/caching.py) ----------------------------------------------------
+
+def _run(tiny_paths, data, out, *extra):
+    from mmpeft import train
+
+    return train(load_config(None, [f"model.name={tiny_paths['clip']}", f"train.output_dir={out}", f"data.train={data}",
+                                    f"data.eval={data}", "train.progress=false", "train.tracker=null",
+                                    "train.mixed_precision=no", "data.num_workers=0", "data.batch_size=4",
+                                    "head.hidden=8", "model.vision.mode=frozen", "train.epochs=3", *extra]))
+
+
+def test_a_run_with_the_cache_trains_as_one_without_it(tiny_paths, sixteen_examples, tmp_path, monkeypatch):
+    """Frozen vision tower, LoRA text tower: every epoch after the first reads the vision features from the cache
+    (in memory, or from disk in a later run) and decodes no image; the loss history and the final metrics are the
+    uncached run's."""
+    from mmpeft.data.dataset import MultimodalDataset
+
+    decoded = []
+    load_image = MultimodalDataset.load_image
+    monkeypatch.setattr(MultimodalDataset, "load_image", lambda self, i: decoded.append(i) or load_image(self, i))
+    off = _run(tiny_paths, sixteen_examples, tmp_path / "off", "train.feature_cache=off")
+    decoded_off, decoded[:] = len(decoded), []
+    memory = _run(tiny_paths, sixteen_examples, tmp_path / "memory")  # the default
+    # 3 epochs of 16 and 4 evaluations of 16 without the cache; with it, the first pass over each split only
+    assert (decoded_off, len(decoded)) == (3 * 16 + 4 * 16, 16 + 16)
+    disk = [_run(tiny_paths, sixteen_examples, tmp_path / f"disk{i}", "train.feature_cache=disk",
+                 f"train.feature_cache_dir={tmp_path / 'cache'}") for i in range(2)]
+    assert off["feature_cache"]["vision"] == "not cached (train.feature_cache=off)"
+    assert memory["feature_cache"]["vision"] == "cached in memory (train, eval)"
+    assert memory["feature_cache"]["text"].startswith("not cached: the text tower trains (mode lora)")
+    assert disk[0]["feature_cache"]["vision"].startswith("cached on disk under")
+    written = sorted((tmp_path / "cache" / "features").iterdir())
+    # train and eval are the same manifest here: the same inputs, one key, one cache for both
+    assert len(written) == 1 and (written[0] / "complete.json").is_file()
+    for run in (memory, *disk):
+        assert [h["loss"] for h in run["history"]] == pytest.approx([h["loss"] for h in off["history"]], abs=1e-5)
+        assert run["eval"]["macro_f1"] == off["eval"]["macro_f1"]
+        assert run["eval"]["loss"] == pytest.approx(off["eval"]["loss"], abs=1e-5)
+
+
+def test_the_cache_stays_off_where_the_tower_can_change_and_says_why(tiny_paths, sixteen_examples, tmp_path):
+    augmented = _run(tiny_paths, sixteen_examples, tmp_path / "aug", "data.augment.enabled=true", "train.max_steps=1")
+    assert augmented["feature_cache"]["vision"] == ("cached in memory (eval); not for train: image augmentation "
+                                                    "changes the vision inputs every epoch")
+    tokens = _run(tiny_paths, sixteen_examples, tmp_path / "xattn", "head.type=cross_attention", "train.max_steps=1")
+    assert tokens["feature_cache"]["vision"] == ("not cached: the head reads token states, and only pooled outputs "
+                                                 "are cached")

@@ -20,6 +20,7 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 STORAGE_DTYPES = ("auto", "uint8", "bfloat16", "float16", "float32")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+FEATURE_CACHES = ("off", "memory", "disk")
 TRACKERS = ("auto", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
 TASKS = ("classification", "retrieval")
 # metric_for_best choices per task; `auto` picks the first of its task's list.
@@ -205,7 +206,9 @@ class DataConfig(Section):
     max_text_length: int | None = value(None, low=1, optional=True)  # None = the family's default
     batch_size: int = value(32, low=1)
     eval_batch_size: int | None = value(None, low=1, optional=True)  # None = batch_size
-    num_workers: int = value(1, low=0)  # loader processes, capped at the cores this process may use minus one
+    # loader processes; None = from the machine (none on 2 cores, where workers compete with the step for them);
+    # a number is capped at the cores this process may use minus one
+    num_workers: int | None = value(None, low=0, optional=True)
     check_images: bool = value(True)  # decode every image once before training so a bad file fails early
     skip_bad_rows: bool = value(False)
     # merge labels that differ only by case or surrounding spaces ("Positive", "positive "); off: warned about
@@ -247,6 +250,11 @@ class TrainConfig(Section):
     resume_from: str | None = value(None, kind=str, optional=True)  # `latest` or a checkpoints/step-N folder
     skip_nonfinite: bool = value(False)  # skip (and count) batches whose loss is NaN/inf instead of stopping
     evaluate_only: bool = value(False)  # evaluate the model as built (e.g. zero-shot) without training it
+    # frozen towers' pooled outputs computed once and reused every epoch, where nothing can change them (the run
+    # says why not otherwise): in this process's memory, or on disk under feature_cache_dir for later processes
+    feature_cache: str = choice("memory", FEATURE_CACHES)
+    feature_cache_dir: str | None = value(None, kind=str, optional=True)  # None = $MMPEFT_CACHE or ~/.cache/mmpeft
+    timing_warmup_steps: int = value(2, low=0)  # steps left out of train_samples_per_s (start-up, first batches)
 
 
 # A Hub repo id: owner/name.

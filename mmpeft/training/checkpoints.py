@@ -14,12 +14,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import CheckpointError  # noqa: F401  (raised here; importable from here too)
+from ..errors import CheckpointError, TrainingError
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_INDEX = "mmpeft_checkpoint.json"
 _PREFIX = "step-"
-
 
 
 @dataclass
@@ -159,3 +158,21 @@ def save_trainable_only(models: list[nn.Module], weights: list[dict], output_dir
     for i, model in enumerate(models):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+
+
+def load_state_checked(accelerator, checkpoint: Path, model: nn.Module) -> None:
+    """`accelerator.load_state(strict=False)` drops keys that do not match; refuse a checkpoint whose weights are
+    not exactly the model's trainable ones (a renamed module would otherwise resume nothing, silently)."""
+    from safetensors import safe_open
+
+    weights = checkpoint / "model.safetensors"
+    if weights.is_file():
+        with safe_open(weights, "pt") as f:
+            saved = set(f.keys())
+        trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+        if saved != trainable:
+            missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
+            raise TrainingError(f"Checkpoint {checkpoint} does not fit this model: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}. It was written for another model layout; resume "
+                                "with the mmpeft version and config that wrote it, or start a new run.")
+    accelerator.load_state(str(checkpoint), strict=False)

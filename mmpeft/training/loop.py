@@ -25,9 +25,11 @@ from ..data.loaders import build_dataloaders
 from ..errors import TrainingError
 from ..models.adapters import format_trainable, trainable_report
 from ..models.saving import save_adapter
+from .caching import caches_for, describe_caches, plan_feature_caches, stop_decoding_cached_images
 from .checkpoints import (
     LoopState,
     check_same_settings,
+    load_state_checked,
     resolve_resume,
     resume_settings,
     save_checkpoint,
@@ -35,14 +37,14 @@ from .checkpoints import (
     verify_checkpoint,
 )
 from .faults import (
-    loss_is_finite,
-    out_of_memory_advice,
+    NonFiniteSkip,
     outlive_launcher,
     resume_command,
     stop_on_interrupt,
 )
 from .optim import EarlyStopping, build_optimizer, peak_memory_gib, resolve_mixed_precision, trainable_state
-from .run_folder import kept_in, prepare_output_dir
+from .run_folder import prepare_output_dir
+from .step import check_skipped, train_step
 from .summary import run_summary
 from .tasks import Task, get_task
 from .trackers import flat_config, resolve_tracker, tracker_init_kwargs
@@ -76,6 +78,11 @@ class Run:
     before_training: dict = field(default_factory=dict)
     stop_reason: str | None = None
     window_finite: bool = False  # whether the current accumulation window has a finite loss yet
+    nonfinite: NonFiniteSkip | None = None  # set: non-finite steps are skipped on the device, read at log points
+    feature_caches: dict = field(default_factory=dict)  # {split: {tower: FeatureCache}} (caching.py)
+    cache_report: dict = field(default_factory=dict)  # {tower: cached where, or why not}
+    step_seconds: list = field(default_factory=list)  # wall time of each optimizer step of this process, data included
+    step_samples: list = field(default_factory=list)
 
 
 def train(cfg: Config) -> dict:
@@ -99,11 +106,16 @@ def setup(cfg: Config) -> Run:
     out, removed = prepare_output_dir(cfg.train.output_dir, overwrite=cfg.train.overwrite,
                                       resume=bool(cfg.train.resume_from), project=cfg.train.project)
     task = get_task(cfg)
-    accelerator = _accelerator(cfg, out, tracker)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # The process group first (as `Accelerator` starts it: `ACCELERATE_USE_CPU` puts several ranks on the CPU), the
+    # Accelerator once the model exists: `auto` precision is chosen from its layers.
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if removed:
-        accelerator.print(removed)
+        processes.print(removed)
     set_seed(cfg.train.seed)
-    with accelerator.main_process_first():  # one process builds caches (embedded backbone and data) first
+    with processes.main_process_first():  # one process builds caches (embedded backbone and data) first
         backbone = load_backbone(cfg.model.name, family=cfg.model.family, revision=cfg.model.revision,
                                  dtype=cfg.model.dtype, trust_pickle_weights=cfg.model.trust_pickle_weights,
                                  quantization=cfg.model.quantization,  # quantized while loading: lower peak
@@ -111,6 +123,7 @@ def setup(cfg: Config) -> Run:
         data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed, task=cfg.task,
                                  require_text=task.needs_text())
     model = task.build_model(backbone, data)
+    accelerator = _accelerator(cfg, out, tracker, resolve_mixed_precision(cfg.train.mixed_precision, model))
     parameters = trainable_report(model)
     accelerator.print(f"backbone {backbone.name} ({backbone.family.name}), {task.describe(data)}")
     accelerator.print(format_trainable(parameters))
@@ -122,15 +135,17 @@ def setup(cfg: Config) -> Run:
     accelerator.init_trackers(cfg.train.project, config=flat_config(cfg.to_dict()), init_kwargs=tracker_init_kwargs(cfg))
     if cfg.train.resume_from:
         _resume(run)
+    if run.nonfinite is not None:
+        run.nonfinite.skipped.fill_(run.state.skipped_nonfinite)
     return run
 
 
-def _accelerator(cfg: Config, out: Path, tracker: str | None):
+def _accelerator(cfg: Config, out: Path, tracker: str | None, mixed_precision: str):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
@@ -163,6 +178,12 @@ def _prepare(run: Run) -> None:
                                              for name in ("eval", "test") if loaders.get(name) is not None}}
     accelerator.register_save_state_pre_hook(save_trainable_only)  # frozen weights come from the backbone
     run.task.prepare(run.model, accelerator, run.data)
+    run.feature_caches, run.cache_report = plan_feature_caches(run)
+    for line in describe_caches(run):
+        accelerator.print(line)
+    if run.optimizer is not None and cfg.train.grad_accum == 1 and accelerator.num_processes == 1:
+        skip = NonFiniteSkip(run.optimizer, accelerator.device)  # fused AdamW takes the flag; others keep the host check
+        run.nonfinite = skip if skip.on_device else None
 
 
 def _resume(run: Run) -> None:
@@ -173,29 +194,11 @@ def _resume(run: Run) -> None:
     run.state = saved
     run.stopper = EarlyStopping(run.cfg.train.metric_for_best, run.cfg.train.early_stopping_patience,
                                 best=saved.best, best_step=saved.best_step, misses=saved.misses)
-    _load_state_checked(run.accelerator, checkpoint, run.model)
+    load_state_checked(run.accelerator, checkpoint, run.model)
     if (checkpoint / BEST_WEIGHTS).is_file():
         run.best_state = load_file(checkpoint / BEST_WEIGHTS)
     run.accelerator.print(f"resumed from {checkpoint}: step {saved.step}, epoch {saved.epoch}, "
                           f"batch {saved.batches_in_epoch}")
-
-
-def _load_state_checked(accelerator, checkpoint: Path, model: nn.Module) -> None:
-    """`accelerator.load_state(strict=False)` drops keys that do not match; refuse a checkpoint whose weights are
-    not exactly the model's trainable ones (a renamed module would otherwise resume nothing, silently)."""
-    from safetensors import safe_open
-
-    weights = checkpoint / "model.safetensors"
-    if weights.is_file():
-        with safe_open(weights, "pt") as f:
-            saved = set(f.keys())
-        trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-        if saved != trainable:
-            missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
-            raise TrainingError(f"Checkpoint {checkpoint} does not fit this model: missing {missing[:5]}, "
-                                f"unexpected {unexpected[:5]}. It was written for another model layout; resume "
-                                "with the mmpeft version and config that wrote it, or start a new run.")
-    accelerator.load_state(str(checkpoint), strict=False)
 
 
 def fit(run: Run) -> None:
@@ -210,22 +213,28 @@ def fit(run: Run) -> None:
     if state.step >= run.total_steps:  # resumed from the run's last checkpoint: nothing left to do
         run.stop_reason = "max_steps" if cfg.train.max_steps else "epochs"
     run.model.train()
-    with stop_on_interrupt() as interrupt:
+    with stop_on_interrupt() as interrupt, caches_for(run, "train"):
         while run.stop_reason is None:
             loader.set_epoch(state.epoch)
             loader.dataset.set_epoch(state.epoch)
+            step_start, step_samples = time.perf_counter(), state.samples
             for batch in accelerator.skip_first_batches(loader, state.batches_in_epoch):
                 state.batches_in_epoch += 1
-                loss = _train_step(run, batch)
+                loss = train_step(run, batch)
                 if loss is None:  # inside a gradient-accumulation window, or a skipped window
                     continue
                 state.step += 1
                 progress.update(1)
-                state.train_seconds = time.perf_counter() - start
+                now = time.perf_counter()
+                state.train_seconds = now - start
+                run.step_seconds.append(now - step_start)
+                run.step_samples.append(state.samples - step_samples)
                 _after_step(run, loss, progress, interrupt)
                 if run.stop_reason:
                     break
+                step_start, step_samples = time.perf_counter(), state.samples  # evaluations are not step time
             else:  # the epoch ran to its end
+                stop_decoding_cached_images(run, "train")  # loader workers start anew next epoch and see it
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 if cfg.train.max_steps is None and state.epoch >= cfg.train.epochs:
                     run.stop_reason = "epochs"
@@ -234,58 +243,12 @@ def fit(run: Run) -> None:
         _checkpoint(run)
 
 
-def _train_step(run: Run, batch: dict) -> torch.Tensor | None:
-    """One micro-batch; the loss after an optimizer step, None inside an accumulation window.
-
-    A non-finite loss stops the run (naming the step) or, with `train.skip_nonfinite`, is left out of the window:
-    it contributes a zero gradient instead (so data-parallel processes still synchronise), and the rest of the
-    window still steps. A window with nothing finite in it makes no optimizer step.
-    """
-    cfg, state, accelerator, model = run.cfg, run.state, run.accelerator, run.model
-    stepped = False
-    with accelerator.accumulate(model):
-        try:
-            loss = run.task.loss(model, batch)
-            finite = loss_is_finite(loss, accelerator)
-            if not finite:
-                if not cfg.train.skip_nonfinite:
-                    raise TrainingError(
-                        f"The loss is {loss.item()} at step {state.step + 1} (epoch {state.epoch}, batch "
-                        f"{state.batches_in_epoch}). {kept_in(run.out)} Lower the learning rate, or set "
-                        "`train.skip_nonfinite=true`.")
-                state.skipped_nonfinite += 1
-                loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-            run.window_finite = run.window_finite or finite
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                stepped = _optimizer_step(run) if run.window_finite else _skip_window(run)
-        except torch.OutOfMemoryError as err:
-            raise TrainingError(out_of_memory_advice(cfg.data.batch_size, cfg.train.grad_accum)) from err
-    state.samples += len(batch["labels"]) * accelerator.num_processes
-    if accelerator.sync_gradients:
-        run.window_finite = False
-    return loss.detach() if stepped else None
-
-
-def _optimizer_step(run: Run) -> bool:
-    if run.cfg.train.max_grad_norm:
-        run.accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return True
-
-
-def _skip_window(run: Run) -> bool:
-    run.optimizer.zero_grad(set_to_none=True)
-    return False
-
-
 def _after_step(run: Run, loss: torch.Tensor, progress, interrupt) -> None:
     """Log, evaluate (keeping the best), checkpoint and decide whether to stop, after optimizer step `state.step`."""
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
     last = state.step >= run.total_steps
     if state.step % cfg.train.log_every == 0 or last:
+        check_skipped(run)
         accelerator.log({"train/loss": loss.item(), "train/lr": run.scheduler.get_last_lr()[0],
                          "train/samples_per_s": state.samples / state.train_seconds,
                          "train/peak_memory_gib": peak_memory_gib()}, step=state.step)
@@ -315,7 +278,8 @@ def _after_step(run: Run, loss: torch.Tensor, progress, interrupt) -> None:
 
 def _evaluate(run: Run, split: str) -> dict:
     try:
-        return run.task.evaluate(run.model, run.loaders[split], run.accelerator)
+        with caches_for(run, split):
+            return run.task.evaluate(run.model, run.loaders[split], run.accelerator)
     except torch.OutOfMemoryError as err:
         batch = run.cfg.data.eval_batch_size or run.cfg.data.batch_size
         raise TrainingError(f"Out of memory while evaluating the {split} split with a batch of {batch}. Set "
@@ -348,6 +312,7 @@ def _checkpoint(run: Run) -> Path:
 def finish(run: Run) -> dict:
     """Keep the best step (not the last), evaluate eval and test, write metrics.json, log and summarise."""
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    check_skipped(run)
     unwrapped = accelerator.unwrap_model(run.model)
     if run.best_state is not None:  # evaluate and keep the best checkpoint, not the last
         unwrapped.load_state_dict(run.best_state, strict=False)
@@ -359,11 +324,12 @@ def finish(run: Run) -> dict:
         "stop_reason": run.stop_reason,
         "skipped_nonfinite_batches": state.skipped_nonfinite,
         "train_seconds": state.train_seconds,
-        "train_samples_per_s": state.samples / state.train_seconds if state.train_seconds else 0.0,
+        **_throughput(run),
         "peak_memory_gib": peak_memory_gib(),
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": accelerator.num_processes,
         "trainable_parameters": run.parameters,
+        "feature_cache": run.cache_report,
         "data": run.data.report,
         "history": state.history,
         **run.before_training,
@@ -391,6 +357,15 @@ def _release_accelerator_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+def _throughput(run: Run) -> dict:
+    """Samples/s over this process's steps after the first `train.timing_warmup_steps` (start-up, first batches;
+    all of them when there are no more), and every step's seconds (data wait included, evaluations not)."""
+    warmup = run.cfg.train.timing_warmup_steps if len(run.step_seconds) > run.cfg.train.timing_warmup_steps else 0
+    seconds, samples = sum(run.step_seconds[warmup:]), sum(run.step_samples[warmup:])
+    return {"train_samples_per_s": samples / seconds if seconds else 0.0,  # samples of every process
+            "timing_warmup_steps": warmup, "step_seconds": [round(t, 6) for t in run.step_seconds]}
 
 
 def _scalars(metrics: dict) -> dict:
