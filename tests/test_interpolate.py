@@ -4,6 +4,7 @@ weights, α=0 is the zero-shot prompt classifier and α=1 the fine-tuned one, an
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,27 @@ def test_a_merged_folder_is_refused(tiny_paths, tmp_path):
     merge(run, tmp_path / "merged")
     with pytest.raises(MergeError, match="is a merged folder"):
         interpolate(tmp_path / "merged", tmp_path / "out", 0.5)
+
+
+def test_compare_wise_sweep_writes_rows_for_test_and_shifted(tmp_path, tiny_paths, monkeypatch):
+    from mmpeft.compare.runner import compare, plan_configs
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "fewshot"
+    results = compare("fewshot", out, configs=plan_configs("fewshot", ["lora_both"]), shots=[1], seeds=[0],
+                      quick=True, log=lambda _: None, wise_alphas=[0.0, 0.5, 1.0],
+                      extra=[f"model.name={tiny_paths['clip']}", "train.mixed_precision=no"])
+    run = results["runs"][0]
+    assert run["status"] == "ok", run.get("error")
+    (sweep,) = results["wise"]["sweeps"]
+    rows = sweep["rows"]
+    assert [(r["alpha"], r["split"]) for r in rows] == [(a, s) for a in (0.0, 0.5, 1.0) for s in ("test", "shifted")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0 for r in rows)
+    fine_tuned = next(r for r in rows if r["alpha"] == 1.0 and r["split"] == "test")
+    assert fine_tuned["accuracy"] == pytest.approx(run["test_accuracy"])  # α=1 is the run as it was tested
+    shifted = Path(results["wise"]["shifted"])
+    labels = [json.loads(line)["label"] for line in shifted.read_text().splitlines()]
+    assert len(labels) == 60 and set(labels) == {"circle", "square", "triangle", "star", "heart", "face"}
+    assert json.loads((out / "results.json").read_text())["wise"]["sweeps"][0]["rows"] == rows
+    assert "## WiSE-FT" in (out / "results.md").read_text()
+    assert not list((out / "runs" / "lora_both").glob(".*-wise-*"))  # the interpolated folders are removed
