@@ -190,3 +190,22 @@ def test_compare_wise_sweep_writes_rows_for_test_and_shifted(tmp_path, tiny_path
     assert json.loads((out / "results.json").read_text())["wise"]["sweeps"][0]["rows"] == rows
     assert "## WiSE-FT" in (out / "results.md").read_text()
     assert not list((out / "runs" / "lora_both").glob(".*-wise-*"))  # the interpolated folders are removed
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
+def test_quantized_runs(tiny_paths, tmp_path, dora):
+    pytest.importorskip("bitsandbytes")
+    path = tiny_paths["clip"]
+    extra = ["model.quantization={bits: 4}", "model.text.mode=lora", "model.vision.mode=lora"]
+    extra += ["model.text.lora.use_dora=true", "model.vision.lora.use_dora=true"] if dora else []
+    run = _saved_run(path, tmp_path / "run", *extra)
+    record = interpolate(run, tmp_path / "one", 1.0)
+    assert record["text"] == (MERGED + " (DoRA)" if dora else SCALED)
+    tuned = load_adapter(run)
+    batch = probe_batch(tuned, 4)
+    # QLoRA stays an adapter on the same 4-bit base: α=1 is the run itself; QDoRA is dequantized and merged
+    # (float32 arithmetic against the bf16 compute of the quantized run)
+    tolerance = 5e-2 if dora else 1e-5
+    diff = float((_logits(load_adapter(tmp_path / "one"), batch) - _logits(tuned, batch)).abs().max())
+    print(f"{'QDoRA' if dora else 'QLoRA'}: alpha=1 logits vs the run, max |diff| = {diff:.3g}")
+    assert diff < tolerance

@@ -29,6 +29,7 @@ from ..backbones import get_family
 from ..config import Config
 from ..errors import MergeError
 from ..models.classifier import build_classifier
+from ..models.integrity import read_weights
 from ..models.saving import (
     HEAD_WEIGHTS,
     RUN_RECORD,
@@ -38,7 +39,6 @@ from ..models.saving import (
     save_adapter,
     saved_lora_config,
 )
-from ..models.integrity import read_weights
 from ..quant import dequantize_linears
 from .merge import (
     check_destination,
