@@ -8,7 +8,7 @@ import sys
 
 from .common import add_train_arguments, config_from_args, parse_with_overrides, report_user_errors
 from .run import add_eval, add_explain, add_predict, add_train
-from .share import add_card, add_embed, add_inspect, add_merge, add_push, add_search
+from .share import add_card, add_embed, add_inspect, add_interpolate, add_merge, add_push, add_search
 from .tools import add_backbones, add_bench, add_compare, add_data, add_plan
 
 __all__ = ["COMMANDS", "add_train_arguments", "build_parser", "config_from_args", "main", "parse_with_overrides",
@@ -17,7 +17,7 @@ __all__ = ["COMMANDS", "add_train_arguments", "build_parser", "config_from_args"
 
 # One function per command: each adds its sub-parser (help, arguments) and the function that runs it.
 COMMANDS = (add_train, add_eval, add_predict, add_push, add_card, add_data, add_compare, add_explain,
-            add_backbones, add_merge, add_plan, add_inspect, add_embed, add_search, add_bench)
+            add_backbones, add_merge, add_interpolate, add_plan, add_inspect, add_embed, add_search, add_bench)
 
 
 def build_parser():

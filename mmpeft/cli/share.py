@@ -1,4 +1,4 @@
-"""Commands that publish or reuse a run: `push`, `card`, `merge`, `inspect`, `embed`, `search`."""
+"""Commands that publish or reuse a run: `push`, `card`, `merge`, `interpolate`, `inspect`, `embed`, `search`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ def _merge(args: argparse.Namespace) -> int:
                   f"{report[key]:.3g}")
     print(f"merged model written to {args.to} (loads with transformers' from_pretrained; head and labels with "
           f"mmpeft.load_adapter); report in {args.to}/merge_report.json")
+    return 0
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    from ..export.interpolate import interpolate
+
+    record = interpolate(args.out_dir, args.to, args.alpha, overwrite=args.overwrite)
+    for part in ("text", "vision", "head"):
+        print(f"{part}: {record[part]}")
+    print(f"WiSE-FT model at alpha={record['alpha']:g} written to {args.to} (loads with mmpeft.load_adapter)")
     return 0
 
 
@@ -102,6 +112,16 @@ def add_merge(sub) -> None:
                    help="storage dtype of the merged weights (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
     p.set_defaults(func=_merge)
+
+
+def add_interpolate(sub) -> None:
+    p = sub.add_parser("interpolate", help="WiSE-FT: a run folder whose weights are (1-alpha)*pretrained + "
+                       "alpha*fine-tuned (docs/interpolate.md)")
+    p.add_argument("out_dir", help="output folder of a training run (classifier)")
+    p.add_argument("--alpha", type=float, required=True, help="in [0, 1]: 0 the zero-shot model, 1 the fine-tuned one")
+    p.add_argument("--to", required=True, help="folder for the interpolated run (outside the run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder an earlier `mmpeft interpolate` wrote")
+    p.set_defaults(func=_interpolate)
 
 
 def add_inspect(sub) -> None:

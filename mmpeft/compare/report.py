@@ -178,7 +178,9 @@ def _bar_text(key: str, stat: tuple | None) -> str:
 
 def write_report(results: dict, out: Path) -> list[Path]:
     """results.md, and the charts when matplotlib is installed (`pip install 'mmpeft[compare]'`)."""
-    (out / "results.md").write_text(markdown(results), encoding="utf-8")
+    from .wise import markdown_table
+
+    (out / "results.md").write_text(markdown(results) + markdown_table(results.get("wise")), encoding="utf-8")
     written = [out / "results.json", out / "results.md"]
     try:
         import matplotlib  # noqa: F401

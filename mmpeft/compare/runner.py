@@ -172,7 +172,7 @@ def _meta(task: str, base: str | None, extra: list[str], quick: bool, cuda: bool
 def compare(task: str, out: str | Path, *, configs: dict[str, list[str]] | None = None,
             shots: list[int] | None = None, seeds: list[int] = (0,), base: str | None = None,
             extra: list[str] = (), quick: bool = False, attribute: str = "shape", timeout: float | None = None,
-            log=print) -> dict:
+            log=print, wise_alphas: list[float] | None = None) -> dict:
     """Run every configuration over shots and seeds; write results.json, results.md and the charts into `out`."""
     import torch
 
@@ -209,6 +209,10 @@ def compare(task: str, out: str | Path, *, configs: dict[str, list[str]] | None 
                 else:
                     log(f"[{done}/{total}] {name}{shot} seed {seed}: FAILED: "
                         f"{(record['error'] or '').splitlines()[-1] if record['error'] else ''}")
+    if wise_alphas and task == "fewshot":  # WiSE-FT sweep of the trained prompt-head runs (compare/wise.py)
+        from .wise import comparison_sweep
+
+        results["wise"] = comparison_sweep(results, out, wise_alphas, attribute, quick, log)
     results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     results["written"] = [str(p) for p in write_report(results, out)]
@@ -255,18 +259,23 @@ def add_compare_arguments(parser: argparse.ArgumentParser, default_base: str | N
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test budget: 4 steps, small data, seed 0 and shots 1,4 unless given")
     parser.add_argument("--timeout", type=float, help="seconds per run before it is killed and recorded as failed")
+    parser.add_argument("--wise-alphas", help="fewshot: after training, interpolate each trained run towards its "
+                        "zero-shot start at these alphas (e.g. 0,0.25,0.5,0.75,1) and score test + shifted splits")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every run, e.g. model.name=...")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the comparison the parsed arguments describe; exit code 1 when any run failed."""
+    from .wise import parse_alphas
+
     defined = dict(args.define)
     names = args.configs if args.configs is None else [*args.configs, *[n for n in defined if n not in args.configs]]
     configs = plan_configs(args.task, names, defined)
     shots = args.shots or ((1, 4) if args.quick and args.task == "fewshot" else DEFAULT_SHOTS[args.task])
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     results = compare(args.task, args.out, configs=configs, shots=shots, seeds=seeds, base=args.base,
-                      extra=args.overrides, quick=args.quick, attribute=args.attribute, timeout=args.timeout)
+                      extra=args.overrides, quick=args.quick, attribute=args.attribute, timeout=args.timeout,
+                      wise_alphas=parse_alphas(args.wise_alphas) if args.wise_alphas else None)
     print((Path(args.out) / "results.md").read_text())
     print("written: " + ", ".join(results["written"]))
     return 1 if any(r["status"] != "ok" for r in results["runs"]) else 0

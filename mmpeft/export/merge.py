@@ -91,7 +91,7 @@ def _logits(model: FusionClassifier, batch: dict) -> torch.Tensor:
     return model(**batch).float().cpu()
 
 
-def _merged_config(config: Config, dtype: str) -> Config:
+def merged_config(config: Config, dtype: str) -> Config:
     """The recorded config of a merged folder: its own weights, nothing left to adapt."""
     merged = copy.deepcopy(config)
     merged.model.name = "."
@@ -103,8 +103,8 @@ def _merged_config(config: Config, dtype: str) -> Config:
     return merged
 
 
-def _classifier_from(folder: Path, config: Config, label_names: list[str], head_state: dict,
-                     quantization: QuantConfig | None = None) -> FusionClassifier:
+def classifier_from(folder: Path, config: Config, label_names: list[str], head_state: dict,
+                    quantization: QuantConfig | None = None) -> FusionClassifier:
     backbone = load_backbone(str(folder), dtype=config.model.dtype, quantization=quantization)
     classifier = build_classifier(backbone, config, label_names)
     # A prompt head over a text tower that trained re-encoded its prompts every step; merged, the tower is
@@ -121,11 +121,12 @@ def written_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
 
 
-def check_destination(out_dir: Path, merged_dir: Path, *, overwrite: bool) -> None:
+def check_destination(out_dir: Path, merged_dir: Path, *, overwrite: bool, report: str = REPORT,
+                      writer: str = "mmpeft merge") -> None:
     """Refuse a destination whose replacement would lose anything: the source run, or files merge did not write.
 
-    Both paths are resolved. `--overwrite` replaces only a folder an earlier merge wrote, and only if it holds
-    nothing but the files that merge recorded in its `merge_report.json`.
+    Both paths are resolved. `--overwrite` replaces only a folder an earlier `writer` wrote, and only if it holds
+    nothing but the files it recorded in its `report` (merge: `merge_report.json`).
     """
     if merged_dir == out_dir or out_dir.is_relative_to(merged_dir) or merged_dir.is_relative_to(out_dir):
         where = ("is" if merged_dir == out_dir else "contains" if out_dir.is_relative_to(merged_dir)
@@ -140,14 +141,14 @@ def check_destination(out_dir: Path, merged_dir: Path, *, overwrite: bool) -> No
     if not overwrite:
         raise PathExistsError(f"{merged_dir} is not empty; choose another folder or pass --overwrite.")
     try:
-        recorded = set(json.loads((merged_dir / REPORT).read_text())["files"])
+        recorded = set(json.loads((merged_dir / report).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise PathExistsError(f"--overwrite: {merged_dir} is not a folder `mmpeft merge` wrote (no list of its files "
-                              f"in {REPORT}); it is left as it is. Choose another folder, or empty it yourself.") from None
+        raise PathExistsError(f"--overwrite: {merged_dir} is not a folder `{writer}` wrote (no list of its files "
+                              f"in {report}); it is left as it is. Choose another folder, or empty it yourself.") from None
     foreign = sorted(set(written_files(merged_dir)) - recorded)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise PathExistsError(f"--overwrite: {merged_dir} holds {len(foreign)} file(s) `mmpeft merge` did not write "
+        raise PathExistsError(f"--overwrite: {merged_dir} holds {len(foreign)} file(s) `{writer}` did not write "
                               f"({shown}); it is left as it is. Move them out or choose another folder.")
 
 
@@ -209,21 +210,21 @@ def merge(out_dir: str | Path, merged_dir: str | Path, *, requantize: bool = Fal
         merged_base.save_pretrained(full)
         source.tokenizer.save_pretrained(full)
         source.image_processor.save_pretrained(full)
-        full_config = _merged_config(config, dtype)
-        merged = _classifier_from(full, full_config, model.label_names, head_state)
+        full_config = merged_config(config, dtype)
+        merged = classifier_from(full, full_config, model.label_names, head_state)
         report["max_abs_diff_full_precision"] = float((_logits(merged, batch) - reference).abs().max())
         final, final_config = full, full_config
         if requantize:
-            merged_config = _merged_config(config, quant.compute_dtype)  # the other parts as in training
-            quantized = _classifier_from(full, merged_config, model.label_names, head_state, quantization=quant)
+            requant_config = merged_config(config, quant.compute_dtype)  # the other parts as in training
+            quantized = classifier_from(full, requant_config, model.label_names, head_state, quantization=quant)
             report["max_abs_diff_requantized"] = float((_logits(quantized, batch) - reference).abs().max())
             final = staging / "requantized"
             quantized.base.save_pretrained(final)
             source.tokenizer.save_pretrained(final)
             source.image_processor.save_pretrained(final)
-            final_config = merged_config
+            final_config = requant_config
         # Record the fingerprint the folder will be loaded with (a pre-quantized checkpoint hashes its files).
-        check = _classifier_from(final, final_config, model.label_names, head_state) if requantize else merged
+        check = classifier_from(final, final_config, model.label_names, head_state) if requantize else merged
         save_adapter(check, final, final_config, backbone_name=".", backbone_revision=None,
                      fingerprint=check.source.fingerprint)
         report["files"] = sorted([*written_files(final), REPORT])

@@ -188,18 +188,9 @@ def saved_lora_config(out_dir: Path):
     return config
 
 
-def _load(out_dir: Path, task: str, *, base: str | None, device: str | torch.device,
-          trust_pickle_weights: bool, is_trainable: bool, verify_hashes: bool) -> FusionClassifier | RetrievalModel:
-    """The recorded backbone (fingerprint checked) with the saved adapter in it, as the model of `task`."""
-    from peft import set_peft_model_state_dict
-
-    manifest = read_manifest(out_dir)
-    if verify_hashes:
-        verify_weight_hashes(out_dir, manifest.get("files"))
-    config = config_from_dict(manifest["config"], strict=False)  # an old run loads as it was trained
-    if config.task != task:
-        raise AdapterError(f"{out_dir} holds a {config.task} model (`task={config.task}` in its {RUN_RECORD}), not a "
-                         f"{task} one: load it with `{_LOADERS[config.task]}`.")
+def load_recorded_backbone(out_dir: Path, manifest: dict, config: Config, *, base: str | None = None,
+                           device: str | torch.device = "cpu", trust_pickle_weights: bool = False):
+    """The backbone a run trained on, as its record names it (or from `base`), refused if its fingerprint differs."""
     recorded = manifest["backbone"]
     location = base or backbone_location(out_dir, recorded["name"])
     backbone = load_backbone(location, family=recorded["family"], revision=recorded["revision"],
@@ -212,6 +203,23 @@ def _load(out_dir: Path, task: str, *, base: str | None, device: str | torch.dev
             f"{recorded['fingerprint']}), but {backbone.name!r} has fingerprint {backbone.fingerprint}: "
             "same architecture, different weights. Load it onto the backbone it was trained on."
         )
+    return backbone
+
+
+def _load(out_dir: Path, task: str, *, base: str | None, device: str | torch.device,
+          trust_pickle_weights: bool, is_trainable: bool, verify_hashes: bool) -> FusionClassifier | RetrievalModel:
+    """The recorded backbone (fingerprint checked) with the saved adapter in it, as the model of `task`."""
+    from peft import set_peft_model_state_dict
+
+    manifest = read_manifest(out_dir)
+    if verify_hashes:
+        verify_weight_hashes(out_dir, manifest.get("files"))
+    config = config_from_dict(manifest["config"], strict=False)  # an old run loads as it was trained
+    if config.task != task:
+        raise AdapterError(f"{out_dir} holds a {config.task} model (`task={config.task}` in its {RUN_RECORD}), not a "
+                         f"{task} one: load it with `{_LOADERS[config.task]}`.")
+    backbone = load_recorded_backbone(out_dir, manifest, config, base=base, device=device,
+                                      trust_pickle_weights=trust_pickle_weights)
     lora_config = saved_lora_config(out_dir)
     if task == "retrieval":
         model = build_retrieval_model(backbone, config, lora_config)

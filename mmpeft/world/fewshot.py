@@ -19,15 +19,15 @@ ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "weather": WEATHERS}
 _POOL_PER_CLASS = 64
 
 
-def _scenes_of(attribute: str, name: str, split: str, n: int, world_seed: int = 0):
+def _scenes_of(attribute: str, name: str, split: str, n: int, world_seed: int = 0, held_out: bool | None = None):
     fix = {"shape": "shape", "colour": "colour"}.get(attribute)
     scenes = []
     for i in range(n):
         rng = scene_rng(world_seed, i, f"fewshot-{attribute}-{name}-{split}")
         if fix:
-            scene = sample_scene(rng, held_out=None, **{fix: name})
+            scene = sample_scene(rng, held_out=held_out, **{fix: name})
         else:
-            while (scene := sample_scene(rng, held_out=None)).weather != name:
+            while (scene := sample_scene(rng, held_out=held_out)).weather != name:
                 pass
         scenes.append(scene)
     return scenes
@@ -64,3 +64,25 @@ def write_fewshot(out_dir: str | os.PathLike, *, attribute: str = "shape", shots
         write_manifest(paths[split], rows)
     mark_written(out, args)
     return paths
+
+
+def write_fewshot_shifted(out_dir: str | os.PathLike, *, attribute: str = "shape", per_class: int = 50,
+                          image_size: int = 64) -> Path:
+    """Write `shifted.jsonl`: a test set with the labels of `write_fewshot`, drawn only from the (colour, shape)
+    pairs held out of pretraining (`HELD_OUT`), a distribution shift for robustness (WiSE-FT's sweep)."""
+    if attribute not in ATTRIBUTES:
+        raise ConfigError(f"attribute must be one of {list(ATTRIBUTES)}, got {attribute!r}")
+    out = Path(out_dir)
+    args = {"format": 1, "attribute": attribute, "split": "shifted", "per_class": per_class, "image_size": image_size}
+    path = out / "shifted.jsonl"
+    if already_written(out, {"shifted": path}, args):
+        return path
+    rows = []
+    for name in ATTRIBUTES[attribute]:
+        for j, scene in enumerate(_scenes_of(attribute, name, "shifted", per_class, held_out=True)):
+            rel = f"images/shifted_{name}_{j:03d}.jpg"
+            render(scene, image_size).save(out / rel, format="JPEG", quality=95)
+            rows.append({"image": rel, "label": name})
+    write_manifest(path, rows)
+    mark_written(out, args)
+    return path
