@@ -240,7 +240,8 @@ def test_rule_of_the_embedded_task_is_recovered(tmp_path):
     """After a short fine-tune of the shipped tiny CLIP, by permutation: the image dominates on image-decided examples
     and the text on text-decided ones. By Shapley shares (predicted-class logit, mean-pixel masking) the image share
     dominates on image-decided examples and the text share is higher on text-decided ones; it hovers at 0.5 there
-    (0.48-0.51 by sample), so its dominance is not asserted (docs/explain.md says why). `both` is shown only."""
+    (0.43-0.51 by score, baseline and sample: the rule is an AND that Shapley splits), so its dominance is not
+    asserted (docs/explain.md has the numbers). `both` is shown only."""
     import mmpeft
     from mmpeft.world import write_sentiment
 
