@@ -49,9 +49,15 @@ def _cost_bars(ax, configs: list[str], rows: list[dict], key: str, label: str, c
     ax.bar_label(bars, labels=[f"{v:,.0f}" if scale == 1 else f"{v:.2f}" for v in values], fontsize=7, padding=2)
     ax.set_yticks(range(len(configs)), configs, fontsize=7)
     ax.invert_yaxis()
-    if any(v > 0 for v in values):
-        ax.set_xscale("log" if min(values) > 0 else "symlog")
-        ax.set_xlim(right=max(values) * 8)
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > 20:  # a frozen probe beside full fine-tuning: log scale
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.set_xlim(min(positive) / 3, max(positive) * 8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    elif positive:
+        ax.set_xlim(0, max(positive) * 1.3)
     ax.set_title(label, fontsize=9)
 
 
