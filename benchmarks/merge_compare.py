@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mmpeft.compare.runner import CONFIGS
 from mmpeft.compare.report import write_report
+from mmpeft.compare.stats import paired_differences
 
 SAME = ("task", "base", "extra_overrides", "task_overrides", "quick", "attribute")
 
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("sources", type=Path, nargs="+")
     args = parser.parse_args()
     results = merge(args.sources)
+    results["paired"] = paired_differences(results["runs"])  # from the runs' own folders (test_predictions.jsonl)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     for path in write_report(results, args.out):

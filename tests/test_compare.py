@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mmpeft.compare.child import run_child
-from mmpeft.compare.report import F1_VS_SHOTS, MEASURES, markdown, write_report
+from mmpeft.compare.curves import LEARNING_CURVE
+from mmpeft.compare.report import MEASURES, markdown, write_report
 from mmpeft.compare.runner import CONFIGS, TASK_OVERRIDES, compare, plan_configs, subsample_manifest
 from mmpeft.config import load_config
 
@@ -104,10 +105,11 @@ def test_report_means_stds_failures_and_charts(tmp_path):
     text = markdown(results)
     assert "| zero_shot | 1 | 2 | 0.560 ± 0.071 |" in text  # mean and sample std of 0.51, 0.61
     assert "| lora_both | 4 | 2 (1 failed) | 0.590 ± 0.071 |" in text
-    assert "| lora_both | 0.560 ± 0.071 | 0.590 ± 0.071 |" in text  # the F1-by-k table
+    assert "| lora_both | 0.560 ± 0.071 | 0.590 ± 0.071 |" in text  # the F1-by-size table
+    assert "feature cache (`train.feature_cache`): off for every run" in text
     assert "ValueError: broken on purpose" in text and "Failed runs" in text
     written = write_report(results, tmp_path)
-    assert {p.name for p in written} == {"results.json", "results.md", F1_VS_SHOTS, *(m[2] for m in MEASURES)}
+    assert {p.name for p in written} == {"results.json", "results.md", LEARNING_CURVE, *(m[2] for m in MEASURES)}
     for path in written:
         if path.suffix == ".png":
             _assert_png(path)
@@ -150,6 +152,55 @@ def test_quick_sentiment_comparison(tmp_path, tiny_paths, one_thread_children):
     for _, _, chart in MEASURES:
         _assert_png(out / chart)
     assert {Path(p).name for p in results["written"]} >= {"results.json", "results.md"}
+
+
+def test_short_learning_curve_writes_table_curves_and_intervals(tmp_path, tiny_paths, one_thread_children):
+    """The CI-sized learning curve: two sizes (4 per class and the whole split) x two seeds, 4 steps a run."""
+    out = tmp_path / "curves"
+    results = compare("sentiment", out, configs=plan_configs("sentiment", ["linear_probe", "lora_text"]),
+                      shots=[4, None], seeds=[0, 1], base=BASE, quick=True, log=lambda _: None,
+                      extra=[f"model.name={tiny_paths['clip']}", "train.mixed_precision=no"])
+    assert [r["status"] for r in results["runs"]] == ["ok"] * 8, [r.get("error") for r in results["runs"]]
+    by_key = {(r["config"], r["shots"], r["seed"]): r for r in results["runs"]}
+    assert all(r["steps"] == 4 and r["test_predictions"] for r in results["runs"])  # quick overrides the budget
+    assert by_key["linear_probe", 4, 0]["train_examples"] == 12 and by_key["lora_text", 4, 0]["train_examples"] == 12
+    assert by_key["linear_probe", None, 0]["train_examples"] == 96
+    for seed in (0, 1):  # the same subset for every configuration of a seed
+        assert "data.train=" + str(out / "data" / f"sentiment-k4-seed{seed}" / "train.jsonl") in \
+            by_key["lora_text", 4, seed]["overrides"]
+    assert "train.max_steps=200" in by_key["lora_text", None, 0]["overrides"]  # the one budget rule, then quick
+    assert results["meta"]["step_budget"].startswith("4 optimizer steps for every configuration and size")
+    predictions = (Path(by_key["lora_text", 4, 1]["output_dir"]) / "test_predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in predictions] == list(range(96))
+
+    paired = results["paired"]
+    assert [(p["shots"], p["a"], p["b"], p["seeds"], p["rows"]) for p in paired] == \
+        [(4, "linear_probe", "lora_text", 2, 96), (None, "linear_probe", "lora_text", 2, 96)]
+    for p in paired:
+        assert p["low"] <= p["difference"] <= p["high"]
+        assert p["difference"] == pytest.approx(sum(p["per_seed"]) / 2)
+        assert (p["verdict"] == "no difference shown") == (p["low"] <= 0 <= p["high"])
+    table = (out / "results.md").read_text()
+    assert "## Paired differences in test macro-F1" in table and "(2 seeds, 96 rows) → " in table
+    assert "| config | k=4 | all |" in table and "step budget: 4 optimizer steps" in table
+    assert "feature cache (`train.feature_cache`): off for every run" in table
+    _assert_png(out / LEARNING_CURVE)
+    assert json.loads((out / "results.json").read_text())["paired"] == paired
+
+
+def test_train_sizes_and_shots_are_one_flag():
+    import argparse
+
+    from mmpeft.compare.runner import add_compare_arguments
+
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    assert parser.parse_args(["--train-sizes", "8,16,161,all"]).shots == [8, 16, 161, None]
+    assert parser.parse_args(["--shots", "1,2"]).shots == [1, 2]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train-sizes", "8,most"])
+    with pytest.raises(ValueError, match="fewshot needs k-shot sizes"):
+        compare("fewshot", "/nonexistent/never-written", shots=[1, None])
 
 
 def test_quick_fewshot_zero_shot_is_evaluated_untrained(tmp_path, tiny_paths, one_thread_children):

@@ -31,7 +31,7 @@ def test_overwrite_removes_only_what_mmpeft_wrote(tmp_path):
     (out / "checkpoints" / "step-0000004" / "mmpeft_checkpoint.json").write_text("{}")
     (out / "logs" / "mmpeft").mkdir(parents=True)
     for name in ("mmpeft.json", "adapter_model.safetensors", "head.safetensors", "metrics.json", "log.txt",
-                 "notes.md"):
+                 "test_predictions.jsonl", "notes.md"):
         (out / name).write_text("x")
     with pytest.raises(PathExistsError, match="already holds a training run.*checkpoints/"):
         prepare_output_dir(out, overwrite=False, resume=False, project="mmpeft")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import MmpeftError
+from ..training.run_folder import TEST_PREDICTIONS
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "head.safetensors")
 
@@ -85,7 +86,12 @@ def collect(run_dir: Path, child: dict, cuda: bool) -> dict:
         "trainable_by_part": {part: p["trainable"] for part, p in parts.items()},
         "adapter_bytes": sum((run_dir / f).stat().st_size for f in ADAPTER_WEIGHTS if (run_dir / f).is_file()),
         "peak_rss_gib": child["peak_rss_gib"],
+        "train_examples": ((metrics.get("data") or {}).get("train") or {}).get("examples"),
+        "test_predictions": (run_dir / TEST_PREDICTIONS).is_file(),
     }
+    if "feature_cache" in metrics:  # what the loop actually did: {tower: cached where, or why not}
+        cached = [tower for tower, what in (metrics["feature_cache"] or {}).items() if what.startswith("cached")]
+        record["feature_cache"] = f"on ({', '.join(cached)})" if cached else "off"
     if cuda:
         record["peak_cuda_gib"] = metrics.get("peak_memory_gib")
     record["peak_memory_gib"] = record["peak_cuda_gib"] if cuda else child["peak_rss_gib"]
@@ -107,6 +113,7 @@ def run_one(name: str, overrides: list[str], run_dir: Path, *, base: str | None,
     except MmpeftError as err:  # the config itself is wrong: no process to start
         record["error"] = str(err)
         return record
+    record["feature_cache"] = str(getattr(cfg.train, "feature_cache", None) or "off")  # the key, where it exists
     record["trained"] = not cfg.train.evaluate_only  # e.g. few-shot `zero_shot`: the prompt head as built
     (run_dir / "metrics.json").unlink(missing_ok=True)  # a stale one must not pass for this run's result
     cmd = [sys.executable, "-m", "mmpeft.cli", "train", *(["--config", str(base)] if base else []), *overrides]

@@ -1,10 +1,13 @@
-"""The comparison's results as a Markdown table and PNG charts: mean ± std over seeds per configuration and k."""
+"""The comparison's results as a Markdown table and PNG charts: mean ± std over seeds per configuration and
+training size, the paired differences between configurations, and the learning curves (`curves.py`)."""
 
 from __future__ import annotations
 
 import logging
 import statistics
 from pathlib import Path
+
+from .curves import LEARNING_CURVE, learning_curve_chart
 
 logger = logging.getLogger("mmpeft")
 
@@ -16,7 +19,6 @@ MEASURES = (
     ("trainable_parameters", "trainable parameters", "trainable_parameters.png"),
     ("adapter_bytes", "adapter size (bytes)", "adapter_size.png"),
 )
-F1_VS_SHOTS = "f1_vs_shots.png"
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -29,14 +31,14 @@ def summarize(runs: list[dict]) -> list[dict]:
         ok = [r for r in group if r["status"] == "ok"]
         row = {"config": config, "shots": shots, "ok": len(ok), "failed": len(group) - len(ok),
                "seeds": [r["seed"] for r in ok]}
-        for key, *_ in (*MEASURES, ("test_accuracy",)):
+        for key, *_ in (*MEASURES, ("test_accuracy",), ("train_examples",)):
             values = [r[key] for r in ok if r.get(key) is not None]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 row[key] = (statistics.fmean(values), std, len(values))
         rows.append(row)
     order = {config: i for i, config in enumerate(dict.fromkeys(r["config"] for r in runs))}
-    return sorted(rows, key=lambda r: (order[r["config"]], -1 if r["shots"] is None else r["shots"]))
+    return sorted(rows, key=lambda r: (order[r["config"]], float("inf") if r["shots"] is None else r["shots"]))
 
 
 def _mean_std(stat: tuple | None, fmt: str = "{:.3f}") -> str:
@@ -68,6 +70,8 @@ def markdown(results: dict) -> str:
              f"- task overrides: `{' '.join(meta['task_overrides'])}`"
              + (f"; quick: `{' '.join(meta['quick_overrides'])}`" if meta["quick"] else ""),
              f"- seeds {', '.join(map(str, meta['seeds']))}; mean ± std (sample) over the seeds that finished",
+             *([f"- step budget: {meta['step_budget']}"] if meta.get("step_budget") else []),
+             f"- feature cache (`train.feature_cache`): {_feature_cache(runs)}",
              f"- device: {meta['device']}; peak memory: {meta['memory']}",
              f"- git commit {meta.get('git_commit') or 'unknown'}, torch {meta['torch']}, {meta['started']}", "",
              "| config | " + ("k | " if with_shots else "") + "runs | test macro-F1 | test accuracy | train time (s) | "
@@ -82,15 +86,7 @@ def markdown(results: dict) -> str:
                  _mean_std(row.get("train_seconds"), "{:.1f}"), _mean_std(row.get("peak_memory_gib"), "{:.2f}"),
                  f"{params[0]:,.0f}" if params else "–", _size(row.get("adapter_bytes"))]
         lines.append("| " + " | ".join(cells) + " |")
-    shots = sorted({r["shots"] for r in rows if r["shots"] is not None})
-    if len(shots) > 1:
-        configs = list(dict.fromkeys(r["config"] for r in rows))
-        cell = {(r["config"], r["shots"]): r for r in rows}
-        lines += ["", "## Test macro-F1 by shots per class", "",
-                  "| config | " + " | ".join(f"k={k}" for k in shots) + " |", "|---|" + "---:|" * len(shots)]
-        for config in configs:
-            lines.append(f"| {config} | " + " | ".join(
-                _mean_std(cell.get((config, k), {}).get("test_macro_f1")) for k in shots) + " |")
+    lines += _by_size(rows) + paired_lines(results.get("paired"))
     failed = [r for r in runs if r["status"] != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""]
@@ -103,6 +99,52 @@ def markdown(results: dict) -> str:
         lines += ["", "## Configurations", ""]
         lines += [f"- **{name}**: `{' '.join(overrides)}`" for name, overrides in configs.items()]
     return "\n".join(lines) + "\n"
+
+
+def _by_size(rows: list[dict]) -> list[str]:
+    """Test macro-F1 with one column per training size (examples per class; `all` last)."""
+    shots = sorted({r["shots"] for r in rows}, key=lambda k: float("inf") if k is None else k)
+    if len(shots) < 2:
+        return []
+    cell = {(r["config"], r["shots"]): r for r in rows}
+    lines = ["", "## Test macro-F1 by training size (examples per class)", "",
+             "| config | " + " | ".join("all" if k is None else f"k={k}" for k in shots) + " |",
+             "|---|" + "---:|" * len(shots)]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        lines.append(f"| {config} | " + " | ".join(
+            _mean_std(cell.get((config, k), {}).get("test_macro_f1")) for k in shots) + " |")
+    return lines
+
+
+def paired_lines(paired: list[dict] | None) -> list[str]:
+    """The paired differences, the better configuration first; 'A beats B' only where the interval excludes 0."""
+    if not paired:
+        return []
+    first = paired[0]
+    lines = ["", "## Paired differences in test macro-F1", "",
+             f"A − B on the same test rows: mean over seeds, 95 % percentile interval of {first['resamples']} "
+             "bootstrap resamples of test rows and of seeds (compare/stats.py). 'A beats B' only where the "
+             "interval excludes 0.", ""]
+    for shots in dict.fromkeys(p["shots"] for p in paired):
+        lines += [f"**{'all' if shots is None else f'k={shots}'}**", ""]
+        for p in (p for p in paired if p["shots"] == shots):
+            a, b, diff, low, high = p["a"], p["b"], p["difference"], p["low"], p["high"]
+            if diff < 0:
+                a, b, diff, low, high = b, a, -diff, -high, -low
+            lines.append(f"- {a} − {b}: {diff:+.3f} [{low:+.3f}, {high:+.3f}] ({p['seeds']} seed"
+                         f"{'s' if p['seeds'] > 1 else ''}, {p['rows']} rows) → {p['verdict']}")
+        lines.append("")
+    return lines[:-1]
+
+
+def _feature_cache(runs: list[dict]) -> str:
+    """Whether the on-disk / in-memory feature cache was on, per run (the runs' `feature_cache`; absent = off)."""
+    by_state: dict[str, dict] = {}
+    for run in runs:
+        by_state.setdefault(run.get("feature_cache") or "off", {})[run["config"]] = None
+    if len(by_state) <= 1:
+        return f"{next(iter(by_state), 'off')} for every run"
+    return "; ".join(f"{state}: {', '.join(configs)}" for state, configs in by_state.items())
 
 
 def charts(results: dict, out: Path) -> list[Path]:
@@ -141,27 +183,8 @@ def charts(results: dict, out: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.savefig(out / filename, dpi=120)
         written.append(out / filename)
-    numeric = [k for k in shots if k is not None]
-    if len(numeric) > 1:
-        fig = Figure(figsize=(6.5, 4.2), layout="constrained")
-        ax = fig.add_subplot()
-        for config in configs:
-            points = [(k, cell[config, k]["test_macro_f1"]) for k in numeric
-                      if "test_macro_f1" in cell.get((config, k), {})]
-            if not points:
-                continue
-            ks, stats = [p[0] for p in points], [p[1] for p in points]
-            line, = ax.plot(ks, [s[0] for s in stats], marker="o", label=config)
-            ax.fill_between(ks, [s[0] - s[1] for s in stats], [s[0] + s[1] for s in stats], color=line.get_color(),
-                            alpha=0.15)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(numeric, [str(k) for k in numeric])
-        ax.set_xlabel("shots per class (k)")
-        ax.set_ylabel("test macro-F1 (mean ± std over seeds)")
-        ax.set_title(f"test macro-F1 against shots: {title}", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.savefig(out / F1_VS_SHOTS, dpi=120)
-        written.append(out / F1_VS_SHOTS)
+    if len(shots) > 1:
+        written.append(learning_curve_chart(rows, title, out / LEARNING_CURVE))
     return written
 
 

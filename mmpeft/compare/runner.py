@@ -1,9 +1,18 @@
 """Fine-tuning configurations side by side on one task, seed and budget, each run in a fresh process.
 
     python recipes/compare.py --task sentiment --quick
+    mmpeft compare --task sentiment --train-sizes 8,16,32,64,161,all --seeds 0,1,2 --out out/curves-sentiment
     mmpeft compare --task fewshot --shots 1,2,4,8,16 --seeds 0,1,2 --out out/compare-fewshot
 
-Every (configuration, shots, seed) is one `mmpeft train` in its own subprocess, so the peak memory it reports
+Training sizes (`--train-sizes`, alias `--shots`) are examples per class: a class-balanced subset of the training
+manifest drawn by seed (`subsample_manifest`), the same subset for every configuration of that seed; `all` is the
+whole (unbalanced) split. Runs record it as `shots` (None for `all`). The step budget of a learning curve is one
+rule for every configuration and size (`CURVE_BUDGET`): exactly `train.max_steps=200` optimizer steps, the
+validation split scored every 20 and its best step kept; a size of one batch or less repeats it, a larger one sees
+more distinct examples in the same steps. Without sizes, sentiment runs take the base config's own budget.
+Paired differences between configurations (bootstrap intervals over test rows and seeds): `compare.stats`.
+
+Every (configuration, size, seed) is one `mmpeft train` in its own subprocess, so the peak memory it reports
 belongs to that run alone: on CPU the peak resident set of that process (`os.wait4`'s rusage, taken by a
 bare launcher: see `run_child`), on CUDA the run's own `torch.cuda.max_memory_allocated`.
 A configuration with nothing to train (few-shot `zero_shot`) is evaluated as built (`train.evaluate_only=true`).
@@ -56,12 +65,15 @@ CONFIGS = {
         "lora_both_reg": [*_LORA_BOTH, *_REGULARIZE],
     },
 }
+# The step budget of every run of a learning curve (any --train-sizes): one rule for every configuration and size.
+CURVE_BUDGET = ["train.max_steps=200", "train.eval_every=20"]
 # Applied before each configuration's overrides; the same for every configuration of a task.
 TASK_OVERRIDES = {
     "sentiment": ["train.tracker=null"],
     # One step budget for every k (`max_steps`: exactly that many steps, however many epochs that takes; an epoch
     # is a single batch at k=1); the validation split picks the best step.
-    "fewshot": ["head.type=prompt", "head.mode=full", "train.tracker=null", "train.max_steps=200", "train.eval_every=20", "data.batch_size=32", "data.num_workers=0"],
+    "fewshot": ["head.type=prompt", "head.mode=full", "train.tracker=null", *CURVE_BUDGET, "data.batch_size=32",
+                "data.num_workers=0"],
 }
 QUICK_OVERRIDES = ["train.max_steps=4", "train.eval_every=4", "data.num_workers=0"]
 QUICK_SENTIMENT_SIZES = {"train": 96, "val": 48, "test": 96}
@@ -89,14 +101,16 @@ def subsample_manifest(src: str | Path, dst: Path, *, shots: int, seed: int, lab
     """`shots` rows per label of a JSONL manifest, drawn by `seed`, with absolute image paths (CLIP-LoRA's k-shot)."""
     src = Path(src)
     if src.suffix != ".jsonl":
-        raise ConfigError(f"--shots with --task sentiment needs a JSONL training manifest, got {src}.")
+        raise ConfigError(f"--train-sizes with --task sentiment needs a JSONL training manifest, got {src}.")
     rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(str(row[label_column]), []).append(row)
     short = {label: len(r) for label, r in by_label.items() if len(r) < shots}
     if short:
-        raise ConfigError(f"{src}: --shots {shots} needs {shots} examples of every label; these have fewer: {short}.")
+        raise ConfigError(f"{src}: --train-sizes {shots} needs {shots} examples of every label; these have fewer: "
+                          f"{short} (the largest class-balanced size is {min(len(r) for r in by_label.values())}; "
+                          "`all` is the whole split).")
     rng = random.Random(f"sentiment-shots-{seed}")
     chosen = [row for label in sorted(by_label) for row in rng.sample(by_label[label], shots)]
     for row in chosen:
@@ -169,54 +183,79 @@ def _meta(task: str, base: str | None, extra: list[str], quick: bool, cuda: bool
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def run_overrides(task: str, shots_list: list, *, quick: bool) -> list[str]:
+    """What every run of a comparison starts from: the task's overrides, the learning-curve budget, --quick's."""
+    curve = CURVE_BUDGET if shots_list != [None] and task != "fewshot" else []  # fewshot's task overrides have it
+    return [*TASK_OVERRIDES[task], *curve, *(QUICK_OVERRIDES if quick else [])]
+
+
 def compare(task: str, out: str | Path, *, configs: dict[str, list[str]] | None = None,
-            shots: list[int] | None = None, seeds: list[int] = (0,), base: str | None = None,
+            shots: list[int | None] | None = None, seeds: list[int] = (0,), base: str | None = None,
             extra: list[str] = (), quick: bool = False, attribute: str = "shape", timeout: float | None = None,
             log=print, wise_alphas: list[float] | None = None) -> dict:
-    """Run every configuration over shots and seeds; write results.json, results.md and the charts into `out`."""
+    """Run every configuration over training sizes (`shots`: per class, None for the whole split) and seeds; write
+    results.json, results.md and the charts into `out`, with paired differences of every two configurations."""
     import torch
 
     from .child import run_one
     from .report import write_report
+    from .stats import paired_differences
 
     out = Path(out)
     configs = plan_configs(task) if configs is None else configs
     shots_list: list[int | None] = list(shots) if shots else [None]
-    if task == "fewshot" and shots_list == [None]:
-        raise ConfigError("--task fewshot needs --shots (e.g. 1,2,4,8,16).")
+    if task == "fewshot" and None in shots_list:
+        raise ConfigError("--task fewshot needs k-shot sizes (e.g. --train-sizes 1,2,4,8,16); `all` is sentiment's.")
     extra, seeds = list(extra), list(seeds)
     cuda = torch.cuda.is_available()
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(task, out, base, extra, shots_list, seeds, quick=quick, attribute=attribute)
+    # Frozen towers' features on disk, shared by every run of the comparison (same weights and inputs, same key).
+    common = [*run_overrides(task, shots_list, quick=quick), "train.feature_cache=disk",
+              f"train.feature_cache_dir={(out / 'feature-cache').resolve()}"]
     results = {"meta": {**_meta(task, base, extra, quick, cuda), "configs": configs, "shots": shots_list,
-                        "seeds": seeds, "attribute": attribute if task == "fewshot" else None}, "runs": []}
-    total, done = len(configs) * len(shots_list) * len(seeds), 0
+                        "seeds": seeds, "attribute": attribute if task == "fewshot" else None,
+                        "step_budget": _budget(common, base, extra)}, "runs": []}
+    total = len(configs) * len(shots_list) * len(seeds)
     for k in shots_list:
         for name, config_overrides in configs.items():
             for seed in seeds:
                 run_dir = out / "runs" / name / f"{'all' if k is None else f'k{k}'}-seed{seed}"
-                overrides = [*TASK_OVERRIDES[task], *(QUICK_OVERRIDES if quick else []), *config_overrides,
-                             *data[k, seed], *extra]
-                record = run_one(name, overrides, run_dir, base=base, seed=seed, shots=k, cuda=cuda,
-                                 timeout=timeout, comparison=out)
+                record = run_one(name, [*common, *config_overrides, *data[k, seed], *extra], run_dir, base=base,
+                                 seed=seed, shots=k, cuda=cuda, timeout=timeout, comparison=out)
                 results["runs"].append(record)
-                done += 1
                 (out / "results.json").write_text(json.dumps(results, indent=2))  # partial results survive
-                shot = "" if k is None else f" k={k}"
-                if record["status"] == "ok":
-                    log(f"[{done}/{total}] {name}{shot} seed {seed}: test macro-F1 {record['test_macro_f1']:.4f}, "
-                        f"{record['train_seconds']:.1f} s, peak {record['peak_memory_gib']:.2f} GiB")
-                else:
-                    log(f"[{done}/{total}] {name}{shot} seed {seed}: FAILED: "
-                        f"{(record['error'] or '').splitlines()[-1] if record['error'] else ''}")
+                _log_run(log, record, len(results["runs"]), total)
     if wise_alphas and task == "fewshot":  # WiSE-FT sweep of the trained prompt-head runs (compare/wise.py)
         from .wise import comparison_sweep
 
         results["wise"] = comparison_sweep(results, out, wise_alphas, attribute, quick, log)
     results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results["paired"] = paired_differences(results["runs"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     results["written"] = [str(p) for p in write_report(results, out)]
     return results
+
+
+def _budget(common: list[str], base: str | None, extra: list[str]) -> str:
+    """The step budget every run got, in words (recorded in results.json and the table's header)."""
+    from ..config import load_config
+
+    train = load_config(base, [*common, *extra]).train
+    if train.max_steps:
+        return f"{train.max_steps} optimizer steps for every configuration and size (validation every " \
+               f"{train.eval_every or 'epoch'}, best step kept)"
+    return f"{train.epochs} epochs of the training split (the base config's budget), best validation step kept"
+
+
+def _log_run(log, record: dict, done: int, total: int) -> None:
+    k = record["shots"]
+    what = f"[{done}/{total}] {record['config']}{'' if k is None else f' k={k}'} seed {record['seed']}"
+    if record["status"] == "ok":
+        log(f"{what}: test macro-F1 {record['test_macro_f1']:.4f}, {record['train_seconds']:.1f} s, "
+            f"peak {record['peak_memory_gib']:.2f} GiB")
+    else:
+        log(f"{what}: FAILED: {(record['error'] or '').splitlines()[-1] if record['error'] else ''}")
 
 
 # --- command line (recipes/compare.py and `mmpeft compare`) --------------------------------------------------------
@@ -227,6 +266,17 @@ def _ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _sizes(text: str) -> list[int | None]:
+    """'8,16,all' -> [8, 16, None]: examples per class, `all` for the whole split."""
+    try:
+        sizes = [None if x.strip().lower() == "all" else int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers or 'all', got {text!r}") from None
+    if any(k is not None and k < 1 for k in sizes):
+        raise argparse.ArgumentTypeError(f"training sizes are examples per class (1 or more), got {text!r}")
+    return sizes
 
 
 def _definition(text: str) -> tuple[str, list[str]]:
@@ -246,8 +296,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser, default_base: str | N
                              f"fewshot: {', '.join(CONFIGS['fewshot'])} (default: all of the task's)")
     parser.add_argument("--define", action="append", type=_definition, default=[], metavar="'NAME: K=V ...'",
                         help="an extra configuration as overrides (repeatable); run by default with the others")
-    parser.add_argument("--shots", type=_ints, help="k examples per class, e.g. 1,2,4,8,16 (fewshot default; "
-                        "with sentiment: a k-shot subset of the training manifest)")
+    parser.add_argument("--train-sizes", "--shots", dest="shots", type=_sizes, metavar="SIZES",
+                        help="training examples per class, e.g. 8,16,32,64,161,all: class-balanced subsets drawn "
+                             "by seed, the same for every configuration; `all` is the whole split (sentiment). "
+                             "Every run then gets one step budget (200 steps). fewshot: k-shot sets, default "
+                             "1,2,4,8,16")
     parser.add_argument("--seeds", type=_ints, help="default 0,1,2 (0 with --quick)")
     parser.add_argument("--attribute", default="shape", choices=["shape", "colour", "weather"],
                         help="fewshot: the world attribute to classify")

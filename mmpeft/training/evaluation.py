@@ -7,6 +7,8 @@ from torch import nn
 
 from .metrics import classification_metrics, retrieval_metrics
 
+PER_EXAMPLE = "per_example"  # a key of `evaluate`'s metrics that the loop writes to `<split>_predictions.jsonl`
+
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -25,12 +27,18 @@ def predict_logits(model: nn.Module, loader, accelerator) -> tuple[torch.Tensor,
 
 
 def evaluate(model: nn.Module, loader, accelerator, label_names: list[str],
-             loss_fn: nn.Module | None = None) -> dict:
-    """Classification metrics of one split (plus the mean loss when `loss_fn` is given)."""
-    logits, labels, _ = predict_logits(model, loader, accelerator)
-    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), label_names)
+             loss_fn: nn.Module | None = None, *, per_example: bool = False) -> dict:
+    """Classification metrics of one split (plus the mean loss when `loss_fn` is given). With `per_example`,
+    `metrics[PER_EXAMPLE]` is every example's manifest index, label and prediction (by index), for paired tests."""
+    logits, labels, index = predict_logits(model, loader, accelerator)
+    predicted = logits.argmax(-1)
+    metrics = classification_metrics(labels.numpy(), predicted.numpy(), label_names)
     if loss_fn is not None:
         metrics["loss"] = float(loss_fn(logits, labels))
+    if per_example:
+        order = index.argsort()
+        metrics[PER_EXAMPLE] = [{"index": int(i), "label": label_names[int(y)], "predicted": label_names[int(p)]}
+                                for i, y, p in zip(index[order], labels[order], predicted[order])]
     return metrics
 
 

@@ -7,7 +7,6 @@ task it runs. `train.evaluate_only=true` skips `fit` and evaluates the model as 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -43,7 +42,7 @@ from .faults import (
     stop_on_interrupt,
 )
 from .optim import EarlyStopping, build_optimizer, peak_memory_gib, resolve_mixed_precision, trainable_state
-from .run_folder import prepare_output_dir
+from .run_folder import prepare_output_dir, write_metrics
 from .step import check_skipped, train_step
 from .summary import run_summary
 from .tasks import Task, get_task
@@ -342,7 +341,7 @@ def finish(run: Run) -> dict:
                             step=state.step)
     if accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "metrics.json").write_text(json.dumps(results, indent=2))
+        write_metrics(run.out, results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(run_summary(cfg, run.out, results, run.stopper))

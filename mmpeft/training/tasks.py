@@ -83,7 +83,7 @@ class ClassificationTask(Task):
         return self.train_loss(model(**batch).float(), batch["labels"])
 
     def evaluate(self, model: nn.Module, loader, accelerator) -> dict:
-        return evaluate(model, loader, accelerator, self.label_names, self.eval_loss)
+        return evaluate(model, loader, accelerator, self.label_names, self.eval_loss, per_example=True)
 
     def report(self, metrics: dict) -> str:
         return format_report(metrics)
