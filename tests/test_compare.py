@@ -13,7 +13,7 @@ import pytest
 
 from mmpeft.compare.child import run_child
 from mmpeft.compare.report import F1_VS_SHOTS, MEASURES, markdown, write_report
-from mmpeft.compare.runner import CONFIGS, TASK_OVERRIDES, compare, plan_configs, subsample_manifest
+from mmpeft.compare.runner import CONFIGS, TASK_OVERRIDES, compare, plan_configs, prepare_data, subsample_manifest
 from mmpeft.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,3 +206,14 @@ def test_merge_compare_keeps_configurations_added_with_define(tmp_path):
     clash = source("three", {"r4": ["model.text.lora.r=8"]}, [_record("r4", None, 2, 0.8)], "t3")
     with pytest.raises(SystemExit, match=r"defines configuration 'r4' as \['model.text.lora.r=8'\]"):
         merge_compare.merge([one, clash])
+
+
+def test_position_task_writes_its_own_data_and_subsamples_it_per_shots(tmp_path):
+    data = prepare_data("position", tmp_path, None, [], [None, 2], [0], quick=True)
+    full = dict(o.split("=", 1) for o in data[None, 0])
+    assert Path(full["data.train"]).parent == tmp_path / "data" / "position-quick"
+    assert len(Path(full["data.train"]).read_text().splitlines()) == 3 * 16
+    shots = dict(o.split("=", 1) for o in data[2, 0] if "=" in o)
+    rows = [json.loads(line) for line in Path(shots["data.train"]).read_text().splitlines()]
+    assert sorted(r["label"] for r in rows) == ["center", "center", "left", "left", "right", "right"]
+    assert shots["data.test"] == full["data.test"] and shots["data.allow_outside_root"] == "true"
