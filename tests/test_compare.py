@@ -14,7 +14,7 @@ import pytest
 from mmpeft.compare.child import run_child
 from mmpeft.compare.curves import LEARNING_CURVE
 from mmpeft.compare.report import MEASURES, markdown, write_report
-from mmpeft.compare.runner import CONFIGS, TASK_OVERRIDES, compare, plan_configs, subsample_manifest
+from mmpeft.compare.runner import CONFIGS, TASK_OVERRIDES, compare, plan_configs, prepare_data, subsample_manifest
 from mmpeft.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +183,10 @@ def test_short_learning_curve_writes_table_curves_and_intervals(tmp_path, tiny_p
     table = (out / "results.md").read_text()
     assert "## Paired differences in test macro-F1" in table and "(2 seeds, 96 rows) → " in table
     assert "| config | k=4 | all |" in table and "step budget: 4 optimizer steps" in table
-    assert "feature cache (`train.feature_cache`): off for every run" in table
+    # every run shares frozen towers' features through the on-disk cache under out/feature-cache
+    assert ("feature cache (`train.feature_cache`): on (text, vision): linear_probe; on (vision): lora_text"
+            in table)
+    assert any((out / "feature-cache" / "features").glob("*/complete.json"))
     _assert_png(out / LEARNING_CURVE)
     assert json.loads((out / "results.json").read_text())["paired"] == paired
 
@@ -257,3 +260,14 @@ def test_merge_compare_keeps_configurations_added_with_define(tmp_path):
     clash = source("three", {"r4": ["model.text.lora.r=8"]}, [_record("r4", None, 2, 0.8)], "t3")
     with pytest.raises(SystemExit, match=r"defines configuration 'r4' as \['model.text.lora.r=8'\]"):
         merge_compare.merge([one, clash])
+
+
+def test_position_task_writes_its_own_data_and_subsamples_it_per_shots(tmp_path):
+    data = prepare_data("position", tmp_path, None, [], [None, 2], [0], quick=True)
+    full = dict(o.split("=", 1) for o in data[None, 0])
+    assert Path(full["data.train"]).parent == tmp_path / "data" / "position-quick"
+    assert len(Path(full["data.train"]).read_text().splitlines()) == 3 * 16
+    shots = dict(o.split("=", 1) for o in data[2, 0] if "=" in o)
+    rows = [json.loads(line) for line in Path(shots["data.train"]).read_text().splitlines()]
+    assert sorted(r["label"] for r in rows) == ["center", "center", "left", "left", "right", "right"]
+    assert shots["data.test"] == full["data.test"] and shots["data.allow_outside_root"] == "true"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -19,6 +20,7 @@ from mmpeft.data import DataError, read_split
 from mmpeft.data.augment import TextAugment
 from mmpeft.world import scenes, sentiment
 from mmpeft.world.fewshot import write_fewshot
+from mmpeft.world.position import position_example, write_position
 from mmpeft.world.vocab import SYNONYMS, build_world_tokenizer, world_words
 from mmpeft.world.zero_shot import evaluation_scenes, zero_shot_accuracy
 
@@ -142,6 +144,29 @@ def test_fewshot_draws_k_per_class_by_seed_over_fixed_val_and_test(tmp_path):
     assert len(read_split(a["test"], require_text=False).examples) == 18
     with pytest.raises(DataError, match="missing column 'text'"):
         read_split(a["test"])
+
+
+def test_position_label_is_where_the_objects_are_and_the_caption_never_says(tmp_path):
+    sizes = {"train": 4, "val": 2, "test": 3}
+    a = write_position(tmp_path / "a", per_class=sizes)
+    b = write_position(tmp_path / "b", per_class=sizes, seed=1)
+    c = write_position(tmp_path / "c", per_class=sizes)
+    for split, n in sizes.items():
+        rows = [json.loads(line) for line in a[split].read_text().splitlines()]
+        assert collections.Counter(r["label"] for r in rows) == {p: n for p in scenes.POSITIONS}
+        assert len({r["label"] for r in rows[:3]}) > 1  # shuffled, not in blocks of one label
+        for row in rows:
+            assert not {"left", "right", "center", "middle"} & set(row["text"].replace(",", "").split()), row
+    assert a["train"].read_text() == c["train"].read_text() != b["train"].read_text()
+    for position in scenes.POSITIONS:
+        scene, text = position_example(0, "train", position, 0)
+        assert scene.position == position and scene.colour in text
+        # the objects are drawn in the labelled third of the image: it differs most from an empty sky there
+        sky = scenes.render(scenes.Scene(**{**scene.__dict__, "count": 1, "size": 0}))
+        diff = torch.from_numpy(np.asarray(scenes.render(scene), dtype=np.float32) - np.asarray(sky, dtype=np.float32))
+        per_column = diff.abs().sum(dim=(0, 2))
+        thirds = [per_column[i * 21:(i + 1) * 21].sum() for i in range(3)]
+        assert max(range(3), key=thirds.__getitem__) == scenes.POSITIONS.index(position)
 
 
 def test_world_tokenizer_loads_offline_and_keeps_every_world_word_whole(tmp_path):

@@ -2,6 +2,7 @@
 
 * `scenes`: shapes and faces under a sky, drawn with PIL, with captions; some colour-shape pairs held out.
 * `sentiment`: positive / neutral / negative posts where the label needs both image and text.
+* `position`: left / center / right, a label the shipped tiny CLIP never learnt to read.
 * `vocab`: the world's words, synonyms, and a CLIP BPE tokenizer sized to them.
 * `zero_shot`: prompt-ensemble zero-shot accuracy per attribute.
 """
