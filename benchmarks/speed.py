@@ -58,7 +58,9 @@ def mmpeft_overrides(checkpoint: Path, mode: str, precision: str, extra: list[st
 
 
 def default_cache() -> str:
-    return os.environ.get("MMPEFT_CACHE", str(Path.home() / ".cache" / "mmpeft"))
+    from mmpeft.backbones.embedded import cache_dir  # $MMPEFT_CACHE, else ~/.cache/mmpeft
+
+    return str(cache_dir())
 
 
 def plain_precision(precision: str) -> str:

@@ -141,7 +141,7 @@ def test_out_of_memory_in_the_optimizer_step_gets_advice(tiny_paths, sixteen_exa
 
 
 def test_out_of_memory_in_evaluation_gets_advice(tiny_paths, sixteen_examples, tmp_path, monkeypatch):
-    def evaluate(self, model, loader, accelerator):
+    def evaluate(self, model, loader, accelerator, per_example=False):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(tasks.ClassificationTask, "evaluate", evaluate)
@@ -211,3 +211,18 @@ def test_ctrl_c_under_accelerate_launch_ends_with_the_resume_command(tiny_paths,
     assert "KeyboardInterrupt" in log.read_text()  # the launcher's, printed before ours
     assert "train.resume_from=latest" in lines[-1] and "lora_sentiment.py" in lines[-1], lines[-6:]
     assert any((out / "checkpoints").glob("step-*"))
+
+
+def test_auto_precision_is_chosen_from_the_built_model(tiny_paths, sixteen_examples, tmp_path, monkeypatch):
+    """The Accelerator is made after the model, so `auto` reads its layers: on a bf16 CPU the narrow tiny model
+    trains in fp32, and the same model counted as wide enough trains in bf16."""
+    from mmpeft.training import optim
+
+    monkeypatch.setattr(optim, "cpu_supports_bf16", lambda: True)
+    auto = [a for a in FAST if not a.startswith("train.mixed_precision")] + ["train.max_steps=1"]
+    narrow = train(load_config(None, [f"model.name={tiny_paths['clip']}", f"train.output_dir={tmp_path / 'a'}",
+                                      f"data.train={sixteen_examples}", *auto]))
+    monkeypatch.setattr(optim, "CPU_BF16_MIN_WIDTH", 1)
+    wide = train(load_config(None, [f"model.name={tiny_paths['clip']}", f"train.output_dir={tmp_path / 'b'}",
+                                    f"data.train={sixteen_examples}", *auto]))
+    assert (narrow["mixed_precision"], wide["mixed_precision"]) == ("no", "bf16")

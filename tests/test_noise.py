@@ -59,7 +59,7 @@ def test_loader_workers_capped_at_the_cores(monkeypatch, caplog, cores, requeste
 @pytest.mark.parametrize("cores,used", [(1, 0), (2, 0), (4, 2), (16, 8), (64, 8)])
 def test_loader_workers_picked_from_the_machine_by_default(monkeypatch, caplog, cores, used):
     """`data.num_workers: null` (the default): none on 2 cores, where a worker competes with the step (6.5 vs 5.5
-    samples/s measured), else half the cores, at most 8; nothing to warn about."""
+    samples/s in issue 13's measurement), else half the cores, at most 8; nothing to warn about."""
     monkeypatch.setattr(loaders, "available_cores", lambda: cores)
     with caplog.at_level(logging.WARNING, logger="mmpeft.data.loaders"):
         assert loaders.worker_count(None) == used

@@ -69,7 +69,8 @@ def check_alpha(alpha: float) -> float:
 def tower_plan(tower_modes: dict[str, str], use_dora: bool) -> dict[str, str]:
     """How each tower is interpolated: unchanged (frozen), LoRA scaled, or merged and interpolated."""
     how = {"frozen": "unchanged (frozen)", "lora": MERGED if use_dora else SCALED, "full": MERGED}
-    return {tower: how[mode] + (" (DoRA)" if mode == "lora" and use_dora else "") for tower, mode in tower_modes.items()}
+    return {tower: how[mode] + (" (DoRA)" if mode == "lora" and use_dora else "")
+            for tower, mode in tower_modes.items()}
 
 
 def zero_shot_head(backbone, config: Config, label_names: list[str]) -> dict[str, torch.Tensor]:

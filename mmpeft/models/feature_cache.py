@@ -91,14 +91,16 @@ def inputs_sha256(dataset, tower: str) -> str:
 
 def cache_key(model, tower: str, dataset, *, mixed_precision: str, device: torch.device | str,
               text_length: int | None = None, padding: str | None = None, image_processor=None,
-              quantization=None) -> str:
-    """Everything the tower's outputs depend on, hashed (see the module docstring)."""
+              quantization=None, weights_sha256: str | None = None) -> str:
+    """Everything the tower's outputs depend on, hashed (see the module docstring). `weights_sha256`: the tower's
+    `tower_weights_sha256`, when the caller already has it (several splits of one run share it)."""
     modules = tower_modules(model, tower)
     dtypes = sorted({str(p.dtype) for m in modules for p in m.parameters()})
     encode = model.family.encode_text if tower == "text" else model.family.encode_image
     settings = {
         "format": CACHE_FORMAT, "family": model.family.name, "tower": tower, "pooling": encode.__qualname__,
-        "weights": tower_weights_sha256(modules), "dtypes": dtypes, "quantization": repr(quantization),
+        "weights": weights_sha256 or tower_weights_sha256(modules), "dtypes": dtypes,
+        "quantization": repr(quantization),
         "autocast": mixed_precision, "device": torch.device(device).type, "inputs": inputs_sha256(dataset, tower),
         "examples": len(dataset),
     }

@@ -13,20 +13,19 @@ complete the dataset stops decoding them (training loaders restart their workers
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
+from ..backbones.embedded import cache_dir
 from ..backbones.registry import TOWERS
 from ..models.classifier import FusionClassifier
-from ..models.feature_cache import FeatureCache, cache_blockers, cache_key
+from ..models.feature_cache import FeatureCache, cache_blockers, cache_key, tower_modules, tower_weights_sha256
 
 SPLITS = ("train", "eval", "test")
 
 
 def cache_root(directory: str | None) -> Path:
     """Where `disk` caches live: `train.feature_cache_dir`, else `$MMPEFT_CACHE`, else `~/.cache/mmpeft`."""
-    base = directory or os.environ.get("MMPEFT_CACHE") or Path.home() / ".cache" / "mmpeft"
-    return Path(base).expanduser() / "features"
+    return (Path(directory).expanduser() if directory else cache_dir()) / "features"
 
 
 def plan_feature_caches(run) -> tuple[dict[str, dict[str, FeatureCache]], dict[str, str]]:
@@ -55,8 +54,10 @@ def plan_feature_caches(run) -> tuple[dict[str, dict[str, FeatureCache]], dict[s
             continue
         blockers = cache_blockers(model, tower, augment=augmented)  # training only; evaluation sees no augmentation
         splits = [s for s in SPLITS if run.loaders.get(s) is not None and (s != "train" or not blockers)]
+        # disk keys hash every weight of the tower: once per tower, not once per split
+        weights = tower_weights_sha256(tower_modules(model, tower)) if mode == "disk" else None
         for split in splits:
-            caches.setdefault(split, {})[tower] = _cache(run, model, tower, split, mode)
+            caches.setdefault(split, {})[tower] = _cache(run, model, tower, split, weights)
         where = "in memory" if mode == "memory" else f"on disk under {cache_root(cfg.train.feature_cache_dir)}"
         said[tower] = (f"cached {where} ({', '.join(splits)})"
                        + (f"; not for train: {'; '.join(blockers)}" if blockers else ""))
@@ -64,15 +65,17 @@ def plan_feature_caches(run) -> tuple[dict[str, dict[str, FeatureCache]], dict[s
     return caches, said
 
 
-def _cache(run, model, tower: str, split: str, mode: str) -> FeatureCache:
+def _cache(run, model, tower: str, split: str, weights: str | None) -> FeatureCache:
+    """In memory (`weights` None: one process, one run, nothing can change the frozen tower, no key needed), or on
+    disk under the full key."""
     dataset = run.loaders[split].dataset
-    if mode == "memory":  # one process, one run: nothing can change the frozen tower, no key needed
+    if weights is None:
         return FeatureCache(f"memory-{split}-{tower}", len(dataset))
     cfg, backbone = run.cfg, run.backbone
     key = cache_key(model, tower, dataset, mixed_precision=run.accelerator.mixed_precision,
                     device=run.accelerator.device, text_length=cfg.data.max_text_length or backbone.max_text_length,
                     padding=backbone.text_padding, image_processor=backbone.image_processor,
-                    quantization=cfg.model.quantization)
+                    quantization=cfg.model.quantization, weights_sha256=weights)
     return FeatureCache(key, len(dataset), root=cache_root(cfg.train.feature_cache_dir))
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from .metrics import classification_metrics, retrieval_metrics
 
-PER_EXAMPLE = "per_example"  # a key of `evaluate`'s metrics that the loop writes to `<split>_predictions.jsonl`
+PER_EXAMPLE = "per_example"  # a key of `evaluate`'s metrics that the loop writes to `test_predictions.jsonl`
 
 
 @torch.no_grad()

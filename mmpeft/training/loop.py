@@ -131,7 +131,8 @@ def setup(cfg: Config) -> Run:
               stopper=EarlyStopping(cfg.train.metric_for_best, cfg.train.early_stopping_patience))
     _prepare(run)
     run.before_training = task.before_training(run.model, run.loaders, accelerator)
-    accelerator.init_trackers(cfg.train.project, config=flat_config(cfg.to_dict()), init_kwargs=tracker_init_kwargs(cfg))
+    accelerator.init_trackers(cfg.train.project, config=flat_config(cfg.to_dict()),
+                              init_kwargs=tracker_init_kwargs(cfg))
     if cfg.train.resume_from:
         _resume(run)
     if run.nonfinite is not None:
@@ -181,7 +182,7 @@ def _prepare(run: Run) -> None:
     for line in describe_caches(run):
         accelerator.print(line)
     if run.optimizer is not None and cfg.train.grad_accum == 1 and accelerator.num_processes == 1:
-        skip = NonFiniteSkip(run.optimizer, accelerator.device)  # fused AdamW takes the flag; others keep the host check
+        skip = NonFiniteSkip(run.optimizer, accelerator.device)  # fused AdamW takes the flag; others: host check
         run.nonfinite = skip if skip.on_device else None
 
 
@@ -275,10 +276,10 @@ def _after_step(run: Run, loss: torch.Tensor, progress, interrupt) -> None:
         run.stop_reason = "early_stopping"
 
 
-def _evaluate(run: Run, split: str) -> dict:
+def _evaluate(run: Run, split: str, per_example: bool = False) -> dict:
     try:
         with caches_for(run, split):
-            return run.task.evaluate(run.model, run.loaders[split], run.accelerator)
+            return run.task.evaluate(run.model, run.loaders[split], run.accelerator, per_example)
     except torch.OutOfMemoryError as err:
         batch = run.cfg.data.eval_batch_size or run.cfg.data.batch_size
         raise TrainingError(f"Out of memory while evaluating the {split} split with a batch of {batch}. Set "
@@ -335,7 +336,7 @@ def finish(run: Run) -> dict:
     }
     for name in ("eval", "test"):
         if run.loaders.get(name) is not None:
-            results[name] = _evaluate(run, name)
+            results[name] = _evaluate(run, name, per_example=name == "test")  # test rows: paired comparisons
             accelerator.print(f"\n{name} ({len(run.loaders[name].dataset)} examples)\n{run.task.report(results[name])}")
             accelerator.log({f"final_{name}/{k}": v for k, v in results[name].items() if isinstance(v, float)},
                             step=state.step)

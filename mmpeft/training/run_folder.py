@@ -15,11 +15,12 @@ from .evaluation import PER_EXAMPLE
 METRICS = "metrics.json"
 TEST_PREDICTIONS = "test_predictions.jsonl"  # index, label and prediction of every test example
 LOGS = "logs"
+RUN_FILES = (RUN_RECORD, *ADAPTER_FILES, HEAD_WEIGHTS, METRICS, TEST_PREDICTIONS)  # what a training run writes
 
 
 def earlier_run(out: Path) -> list[str]:
     """What an earlier training run left in `out` (files and folders mmpeft writes), by name."""
-    found = [name for name in (RUN_RECORD, *ADAPTER_FILES, HEAD_WEIGHTS, METRICS, TEST_PREDICTIONS) if (out / name).is_file()]
+    found = [name for name in RUN_FILES if (out / name).is_file()]
     checkpoints = _checkpoint_folders(out)
     if checkpoints:
         found.append(f"{CHECKPOINTS}/ ({len(checkpoints)} checkpoint{'s' if len(checkpoints) > 1 else ''})")
@@ -49,7 +50,7 @@ def prepare_output_dir(out_dir: str | Path, *, overwrite: bool, resume: bool, pr
         raise PathExistsError(f"{out} already holds a training run ({', '.join(found)}). Choose another "
                               "`train.output_dir`, set `train.resume_from=latest` to continue it, or "
                               "`train.overwrite=true` to replace it (only what mmpeft wrote there is removed).")
-    for name in (RUN_RECORD, *ADAPTER_FILES, HEAD_WEIGHTS, METRICS, TEST_PREDICTIONS):
+    for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     for folder in _checkpoint_folders(out):
         shutil.rmtree(folder)
@@ -74,12 +75,10 @@ def kept_in(out: Path) -> str:
         "checkpoint had run); set `train.checkpoint_every` to save the training state as it goes."
 
 
-
 def write_metrics(out: Path, results: dict) -> None:
     """metrics.json, and the test split's per-example predictions (index, label, predicted) in TEST_PREDICTIONS,
     which paired comparisons of runs on the same test rows read (`mmpeft compare`)."""
-    per_example = {name: results[name].pop(PER_EXAMPLE, None) for name in ("eval", "test")
-                   if isinstance(results.get(name), dict)}
+    rows = results["test"].pop(PER_EXAMPLE, None) if isinstance(results.get("test"), dict) else None
     (out / METRICS).write_text(json.dumps(results, indent=2))
-    if per_example.get("test"):
-        (out / TEST_PREDICTIONS).write_text("".join(json.dumps(row) + "\n" for row in per_example["test"]))
+    if rows:
+        (out / TEST_PREDICTIONS).write_text("".join(json.dumps(row) + "\n" for row in rows))

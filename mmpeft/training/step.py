@@ -63,7 +63,7 @@ def device_checked_step(run, batch: dict) -> torch.Tensor:
             accelerator.backward(loss)
             norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm) \
                 if cfg.train.max_grad_norm else None
-            run.nonfinite.check(loss, [p for p in model.parameters() if p.requires_grad], run.state.step + 1, norm)
+            run.nonfinite.check(loss, model.parameters(), run.state.step + 1, norm)  # frozen ones: no grad
             optimizer_step(run, clip=False)
         except torch.OutOfMemoryError as err:
             raise TrainingError(out_of_memory_advice(cfg.data.batch_size, cfg.train.grad_accum)) from err

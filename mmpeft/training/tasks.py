@@ -44,8 +44,9 @@ class Task(abc.ABC):
         """The training loss of one batch (a scalar the loop back-propagates)."""
 
     @abc.abstractmethod
-    def evaluate(self, model: nn.Module, loader, accelerator) -> dict:
-        """The metrics of a whole split, gathered across processes."""
+    def evaluate(self, model: nn.Module, loader, accelerator, per_example: bool = False) -> dict:
+        """The metrics of a whole split, gathered across processes; with `per_example`, also each example's
+        prediction under `evaluation.PER_EXAMPLE` where the task has them (the final test split asks)."""
 
     @abc.abstractmethod
     def report(self, metrics: dict) -> str:
@@ -82,8 +83,8 @@ class ClassificationTask(Task):
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return self.train_loss(model(**batch).float(), batch["labels"])
 
-    def evaluate(self, model: nn.Module, loader, accelerator) -> dict:
-        return evaluate(model, loader, accelerator, self.label_names, self.eval_loss, per_example=True)
+    def evaluate(self, model: nn.Module, loader, accelerator, per_example: bool = False) -> dict:
+        return evaluate(model, loader, accelerator, self.label_names, self.eval_loss, per_example=per_example)
 
     def report(self, metrics: dict) -> str:
         return format_report(metrics)
@@ -109,8 +110,8 @@ class RetrievalTask(Task):
         image, text = model(**batch, embed=True)
         return contrastive_loss_across_processes(image, text, self.logit_scale)
 
-    def evaluate(self, model: nn.Module, loader, accelerator) -> dict:
-        return evaluate_retrieval(model, loader, accelerator)
+    def evaluate(self, model: nn.Module, loader, accelerator, per_example: bool = False) -> dict:
+        return evaluate_retrieval(model, loader, accelerator)  # ranks, not labels: nothing to pair per example
 
     def report(self, metrics: dict) -> str:
         return format_retrieval_report(metrics)
