@@ -4,6 +4,8 @@ stock peft round trip, quantization, and real pretrained all-MiniLM-L6-v2 as the
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from lora_helpers import (
@@ -344,3 +346,26 @@ def test_pretrained_minilm_beats_random_init(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["arms"]["pretrained"]["test_macro_f1"] >= 0.9
     assert result["margin_test_macro_f1"] >= 0.3
+
+
+def test_torchvision_tower_features_cache_on_disk(tiny_dual, tmp_path):
+    """A torchvision tower's processor is part of the disk cache key (its `to_dict`, like a transformers
+    processor's): a frozen-tower run caches it on disk, and another image size is another key."""
+    from mmpeft import train
+    from mmpeft.backbones.custom import TransformProcessor
+    from mmpeft.world.sentiment import write_sentiment
+
+    paths = write_sentiment(tmp_path / "data", sizes={"train": 16, "val": 8, "test": 8})
+    cache = tmp_path / "cache"
+    cfg = load_config(None, [f"model.name={tiny_dual['torchvision']}", "model.text.mode=frozen",
+                             "model.vision.mode=frozen", f"data.train={paths['train']}", f"data.eval={paths['val']}",
+                             f"data.test={paths['test']}", "data.num_workers=0", "data.batch_size=8",
+                             "train.max_steps=2", "train.feature_cache=disk", f"train.feature_cache_dir={cache}",
+                             f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "train.tracker=null"])
+    train(cfg)
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())["feature_cache"]
+    assert report["vision"].startswith("cached on disk"), report
+    assert len(list((cache / "features").glob("*/complete.json"))) == 6  # 2 towers x 3 splits
+    name = tiny_dual["torchvision"].replace(",image_size=32", "")
+    small, large = (load_backbone(f"{name},image_size={s}").image_processor for s in (32, 64))
+    assert isinstance(small, TransformProcessor) and small.to_dict() != large.to_dict()

@@ -42,6 +42,11 @@ class TransformProcessor:
     def __repr__(self) -> str:
         return f"TransformProcessor({self.transform})"
 
+    def to_dict(self) -> dict:
+        """Its settings, as a transformers processor's `to_dict`: the transform's repr names every size, crop and
+        normalisation (the feature cache's key reads it)."""
+        return {"processor": type(self).__name__, "transform": repr(self.transform)}
+
 
 def float_dtype(module: nn.Module) -> torch.dtype:
     """The dtype of a module's first floating-point parameter: what its inputs must be cast to."""
