@@ -29,8 +29,10 @@ from memory import build_checkpoint, peak_gib, reset_peak, synthetic_batch  # no
 # Short names of the shapes the harness knows: the tiny embedded default and real checkpoints' shapes.
 SHAPES = {"tiny": "tiny-clip", "b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16",
           "l14": "openai/clip-vit-large-patch14", "siglip": "google/siglip-base-patch16-224"}
-MODES = ("full", "lora", "qlora4", "lora8", "probe")
+MODES = ("full", "lora", "qlora4", "lora8", "probe", "lora_text")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# lora_text: LoRA on the text tower only, the vision tower frozen (what the feature cache serves)
+TEXT_LORA_TARGETS = r"text_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj"
 
 
 def checkpoint_for(shape: str, cache: Path, image_size: int | None = None) -> Path:
@@ -53,7 +55,7 @@ def _load(checkpoint: Path, mode: str, precision: str, device):
     import torch
     from transformers import AutoModel, BitsAndBytesConfig
 
-    kwargs = {"dtype": torch.bfloat16 if precision == "bf16" and mode == "lora" else torch.float32}
+    kwargs = {"dtype": torch.bfloat16 if precision == "bf16" and mode in ("lora", "lora_text") else torch.float32}
     if mode == "lora8":
         kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
     elif mode == "qlora4":
@@ -71,6 +73,9 @@ def build(checkpoint: Path, mode: str, precision: str, device):
     model = _load(checkpoint, mode, precision, device)
     if mode in ("lora", "lora8", "qlora4"):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    elif mode == "lora_text":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules=TEXT_LORA_TARGETS))
     elif mode == "probe":
         model.requires_grad_(False)
     model.to(device)

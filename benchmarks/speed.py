@@ -8,6 +8,9 @@ Every run is a fresh process; a row runs mmpeft (A) and the plain loop (B) `--pa
 other jobs falls on both sides alike, and reports medians over the runs and the ratio over the pairs.
 - `step`: identical tensors already in memory (random ids of the model's full text length, random pixels):
   mmpeft's real step (`build_classifier`, `build_optimizer`, Accelerate, the loop's loss and clipping);
+- `epochs`: as e2e, but mmpeft trains `--epochs` epochs (default 2) and only its last epoch's steps count, against
+  the plain loop's one epoch (it has no cache: every epoch costs the same): what the frozen-tower feature cache
+  buys (modes `lora_text`: vision frozen and cached; `probe`: both towers cached);
 - `e2e`: a JSONL of real JPEG files (224-320 px, 4-14 words) on disk, data loading included: `mmpeft train`
   itself (its metrics.json, per-step times from its metrics or tracker) against the plain loop fed like the
   brief's example (images decoded in the main process, text padded to full length); one epoch each, so the
@@ -36,7 +39,7 @@ import plain_loop  # noqa: E402  (benchmarks/ is no package)
 import speed_report  # noqa: E402
 from memory import peak_gib, reset_peak  # noqa: E402
 
-KINDS = ("step", "e2e")
+KINDS = ("step", "e2e", "epochs")
 PRECISIONS = ("fp32", "bf16", "default")  # default: mmpeft's `auto` against the plain loop in fp32
 MODE_OVERRIDES = {
     "full": ["model.text.mode=full", "model.vision.mode=full", "model.dtype=float32"],
@@ -44,6 +47,7 @@ MODE_OVERRIDES = {
     "qlora4": ["model.quantization={bits: 4, quant_type: nf4, double_quant: true}"],
     "lora8": ["model.quantization={bits: 8}"],
     "probe": ["model.text.mode=frozen", "model.vision.mode=frozen"],
+    "lora_text": ["model.vision.mode=frozen"],
 }
 MMPEFT_PRECISION = {"fp32": "no", "bf16": "bf16", "default": "auto"}
 # The plain loop's head and LoRA: a linear head without dropout, LoRA without dropout.
@@ -188,12 +192,14 @@ def step_seconds_from_run(out: Path, metrics: dict, batch: int) -> tuple[list[fl
     return [metrics["train_seconds"] / steps] * steps, "mean over all steps (warm-up NOT skipped)"
 
 
-def mmpeft_e2e(args, checkpoint: Path, manifest: Path, work: Path, run: int) -> dict:
-    """`mmpeft train` itself, one epoch (or `--steps`), in a fresh process; its metrics.json read back."""
+def mmpeft_e2e(args, checkpoint: Path, manifest: Path, work: Path, run: int, epochs: int = 1) -> dict:
+    """`mmpeft train` itself, one epoch (or `--steps`), in a fresh process; its metrics.json read back. With
+    `epochs` > 1 only the last epoch's steps are kept (the feature cache fills in the first)."""
     out = work / f"mmpeft-{run}"
     # Loader workers as `mmpeft train` picks them (none on 2 cores); per-step seconds from its metrics.json.
     cmd = [sys.executable, "-m", "mmpeft.cli", "train", *mmpeft_overrides(checkpoint, args.mode, args.precision, []),
-           f"data.train={manifest}", f"data.batch_size={args.batch}", "train.epochs=1", f"train.max_steps={args.steps}",
+           f"data.train={manifest}", f"data.batch_size={args.batch}", f"train.epochs={epochs}",
+           f"train.max_steps={args.steps * epochs}",
            f"train.output_dir={out}", "train.progress=false", "train.tracker=null", f"train.seed={args.seed}",
            *args.mmpeft]
     started = time.perf_counter()
@@ -201,7 +207,10 @@ def mmpeft_e2e(args, checkpoint: Path, manifest: Path, work: Path, run: int) -> 
     wall = time.perf_counter() - started
     metrics = json.loads((out / "metrics.json").read_text())
     times, source = step_seconds_from_run(out, metrics, args.batch)
+    if epochs > 1:
+        times, source = times[-args.steps:], f"{source}, epoch {epochs} of {epochs}"
     return {"side": "mmpeft", "step_seconds": times, "timing_source": source, "batch": args.batch,
+            "feature_cache": metrics.get("feature_cache"),
             "wall_seconds": wall, "peak_memory_gib": metrics["peak_memory_gib"],
             "trainable_parameters": sum(p["trainable"] for p in metrics["trainable_parameters"].values()),
             "mixed_precision": metrics["mixed_precision"], "command": cmd[1:]}
@@ -241,7 +250,7 @@ def run_row(args, kind: str) -> dict:
     """`--pairs` times mmpeft then the plain loop, each in a fresh process; the row's result."""
     checkpoint = plain_loop.checkpoint_for(args.shape, Path(args.cache))
     manifest = None
-    if kind == "e2e":
+    if kind in ("e2e", "epochs"):
         examples = -(-args.e2e_examples // args.batch) * args.batch  # whole batches: per-step samples are exact
         manifest = write_manifest(Path(args.cache) / "bench" / f"e2e-jpeg-{examples}", examples)
         args.steps = min(args.steps or examples // args.batch, examples // args.batch)
@@ -249,7 +258,10 @@ def run_row(args, kind: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="mmpeft-speed-") as work:
         for i in range(args.pairs):
             loads.append(os.getloadavg()[0])
-            a = mmpeft_e2e(args, checkpoint, manifest, Path(work), i) if kind == "e2e" else run_child(args, "mmpeft")
+            if kind == "step":
+                a = run_child(args, "mmpeft")
+            else:
+                a = mmpeft_e2e(args, checkpoint, manifest, Path(work), i, args.epochs if kind == "epochs" else 1)
             loads.append(os.getloadavg()[0])
             b = run_child(args, "plain", manifest)
             loads.append(os.getloadavg()[0])
@@ -280,6 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the statistics")
     parser.add_argument("--pairs", type=int, default=3, help="A/B pairs (mmpeft, plain) per row")
     parser.add_argument("--e2e-examples", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=2, help="kind epochs: mmpeft's epochs (the last one counts)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--mmpeft", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for the mmpeft side (a lever), e.g. --mmpeft model.dtype=bfloat16")
@@ -314,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             for kind in args.kinds:
                 row = argparse.Namespace(**{**vars(args), "shape": shape, "mode": mode})
-                row.steps = args.steps if args.steps or kind == "e2e" else 10
+                row.steps = args.steps if args.steps or kind in ("e2e", "epochs") else 10
                 print(f"{kind} {shape} {mode} {args.precision} batch {args.batch} on {args.device}", flush=True)
                 result = run_row(row, kind)
                 written.append(speed_report.write_row(args.out, result))
