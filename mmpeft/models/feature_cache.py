@@ -43,7 +43,7 @@ def cache_blockers(model, tower: str, *, augment: bool = False, head_reads_token
         reasons.append(f"the {tower} tower carries LoRA layers")
     if augment:
         reasons.append(_augment_reason(tower))
-    reasons += nondeterministic(modules, tower)
+    reasons += nondeterministic(dict(zip(model.family.tower_modules[tower], modules)), tower)
     if head_reads_tokens:
         reasons.append("the head reads token states, and only pooled outputs are cached")
     if num_processes > 1:
@@ -55,12 +55,12 @@ def _augment_reason(tower: str) -> str:
     return f"{'image' if tower == 'vision' else 'text'} augmentation changes the {tower} inputs every epoch"
 
 
-def nondeterministic(modules: list[nn.Module], tower: str) -> list[str]:
+def nondeterministic(modules: dict[str, nn.Module], tower: str) -> list[str]:
     """Modules whose train-mode output is random (dropout, also the float `dropout` attention modules such as
     CLIPAttention pass to the attention function) or moves with the batch (BatchNorm)."""
     reasons = []
-    for m in modules:
-        for name, sub in m.named_modules():
+    for prefix, m in modules.items():
+        for name, sub in m.named_modules(prefix=prefix):
             p = sub.p if isinstance(sub, nn.Dropout) else getattr(sub, "dropout", None)
             if not sub.training:
                 continue
@@ -82,19 +82,16 @@ def partial_cache_blockers(model, tower: str, *, augment: bool = False, num_proc
                 f"{', '.join(PARTIAL_FAMILIES)}, not {model.family.name}"]
     reasons, below = lora_layout(model, tower), first_adapted_layer(model, tower)
     if below is not None:
-        trained = [name for m, prefix in zip(split.below_modules(model.base, below), _below_names(split, below))
-                   for name in (f"{prefix}.{n}" for n, p in m.named_parameters() if p.requires_grad)]
+        below_modules = dict(zip(split.below_names(below), split.below_modules(model.base, below)))
+        trained = [f"{prefix}.{n}" for prefix, m in below_modules.items()
+                   for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n]  # LoRA: said above
         reasons += [f"{name} trains, below the first adapted layer {below}" for name in trained[:3]]
-        reasons += nondeterministic(split.below_modules(model.base, below), tower)
+        reasons += nondeterministic(below_modules, tower)
     if augment:
         reasons.append(_augment_reason(tower))
     if num_processes > 1:
         reasons.append("several processes: each sees other examples every epoch, so no cache would fill")
     return reasons
-
-
-def _below_names(split, below: int) -> list[str]:
-    return [*split.embeddings, *(f"{split.layers}.{i}" for i in range(below))]
 
 
 def _tower_lora_names(model, tower: str) -> list[str]:

@@ -35,9 +35,12 @@ class PartialTower:
     def layer_list(self, base: nn.Module) -> nn.ModuleList:
         return base.get_submodule(self.layers)
 
+    def below_names(self, k: int) -> list[str]:
+        """The modules the states entering layer `k` depend on: what the cache key hashes and the blockers read."""
+        return [*self.embeddings, *(f"{self.layers}.{i}" for i in range(k))]
+
     def below_modules(self, base: nn.Module, k: int) -> list[nn.Module]:
-        """Everything the states entering layer `k` depend on: what the cache key hashes and the blockers read."""
-        return [base.get_submodule(name) for name in self.embeddings] + list(self.layer_list(base)[:k])
+        return [base.get_submodule(name) for name in self.below_names(k)]
 
     def layer_index(self, module_name: str) -> int | None:
         """The encoder layer a module name (relative to the unwrapped model) lies in, or None."""

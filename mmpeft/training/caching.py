@@ -23,6 +23,7 @@ from ..models.feature_cache import (
     cache_blockers,
     cache_key,
     cached_modules,
+    first_adapted_layer,
     partial_cache_blockers,
     tower_weights_sha256,
 )
@@ -72,13 +73,17 @@ def plan_feature_caches(run) -> tuple[dict[str, dict], dict[str, str]]:
 
 
 def _last_layers_split(run, model, tower: str) -> int | None:
-    """Where a LoRA tower with `lora.layers=N` below its layer count splits (layer L-N), else None: a frozen
-    tower, or LoRA on every layer, is the whole-tower cache's case."""
+    """Where a LoRA tower splits: its lowest adapted layer, where that is above layer 0 (`lora.layers=N` below the
+    layer count, or `lora.targets` that leave the lower layers alone); in a family without a split forward, layer
+    L-N for `lora.layers=N`. None: a frozen tower, or LoRA from layer 0, is the whole-tower cache's case."""
     settings = getattr(run.cfg.model, tower)
-    if settings.mode != "lora" or settings.lora.layers is None:
+    if settings.mode != "lora":
         return None
+    if partial_tower(model.family.name, tower) is not None:
+        return first_adapted_layer(model, tower) or None
     total = model.family.num_layers(model.base.config, tower)
-    return total - settings.lora.layers if settings.lora.layers < total else None
+    layers = settings.lora.layers
+    return total - layers if layers is not None and layers < total else None
 
 
 def _augmented(run, tower: str) -> bool:
