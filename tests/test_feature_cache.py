@@ -247,3 +247,20 @@ def test_the_state_cache_stays_off_where_the_layers_below_can_change_and_says_wh
     siglip = _run({"clip": tiny_paths["siglip"]}, sixteen_examples, tmp_path / "siglip", *lora)
     assert siglip["feature_cache"]["vision"] == ("not cached: the activations below layer 1 are cached only for the "
                                                  "families clip (this is siglip)")
+
+
+def test_the_state_cache_key_sees_the_layers_below_and_not_the_adapted_ones(tiny_paths, sixteen_examples):
+    cfg, backbone, loader, model = _setup(tiny_paths, sixteen_examples, "model.vision.mode=lora",
+                                          "model.vision.lora.layers=1", "model.text.mode=frozen")
+    key = _key(model, loader, backbone, below_layer=1)
+    assert key != _key(model, loader, backbone) and key != _key(model, loader, backbone, below_layer=0)
+    layers = model.base.vision_model.encoder.layers
+    with torch.no_grad():
+        layers[1].mlp.fc1.weight[0, 0] += 1.0  # above the split: what LoRA on it trains from does not change
+        for name, param in layers[1].named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0)
+    assert _key(model, loader, backbone, below_layer=1) == key
+    with torch.no_grad():
+        layers[0].mlp.fc1.weight[3, 5] += 1e-3
+    assert _key(model, loader, backbone, below_layer=1) != key

@@ -9,8 +9,19 @@ image file's bytes; each caption's token ids). Features live in memory, or memor
 that a fresh process (the comparison runs each configuration in one) finds them. Only pooled outputs are cached:
 a head that reads token states (`cross_attention`) turns the cache off.
 
-The model side is `DualTowers.feature_caches` ({tower: FeatureCache}, None = off); batches carry `index` (the
-example's position in its split), which `FusionClassifier.forward` passes on.
+A tower with LoRA on its last N layers only (`model.<tower>.lora.layers=N`, or `lora.targets` that leave the
+lower layers alone) caches the hidden states that enter its first adapted layer instead (`StateCache`,
+models/state_cache.py; the split forward is models/partial_towers.py, written for the `clip` family's towers):
+each later epoch runs only the adapted layers, the final norm, the pooling and the projection.
+`partial_cache_blockers` says what stops it: another family, LoRA below the encoder layers or on layers that are
+not one top block, anything else training below the split, augmentation, several processes, and, for the
+training split only (evaluation runs in eval mode), dropout or BatchNorm below the split in train mode
+(`DualTowers.train()` keeps LoRA towers there: CLIP's attention_dropout=0 layers qualify, BERT's hidden dropout
+0.1 does not). Its key is `cache_key(..., below_layer=k)`: the same fields over only the embeddings and layers
+below k, plus k and the layer count, so the LoRA weights that train above the split never change it.
+
+The model side is `DualTowers.feature_caches` ({tower: FeatureCache or StateCache}, None = off); batches carry
+`index` (the example's position in its split), which `FusionClassifier.forward` passes on.
 """
 
 from __future__ import annotations

@@ -86,7 +86,10 @@ class StateCache:
 
     def _write(self) -> None:
         """Raw bytes of every row end to end, their lengths, and a marker written last: a cache cut off half-way is
-        never read as complete."""
+        never read as complete. A complete folder is left alone: the key says it holds these very states (two
+        splits of the same inputs share it), and rewriting it could cut a finished cache in half."""
+        if (self.folder / "complete.json").is_file():
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         flat = torch.cat(self.rows).contiguous()  # every row is (positions, width)
         flat.view(torch.uint8).numpy().tofile(self.folder / "states.bin")

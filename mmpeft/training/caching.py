@@ -8,6 +8,11 @@ configuration in its own) reads them instead of running the tower; `off` never c
 cached (it trains, carries LoRA, sees augmentation, the head reads tokens, several processes), the run says why,
 once, and the metrics record it. A cached vision tower of a split no longer needs its images: once its cache is
 complete the dataset stops decoding them (training loaders restart their workers each epoch and pick that up).
+
+A LoRA tower whose lowest adapted layer k is above layer 0 (`lora.layers=N` with N below the layer count) gets a
+`StateCache` of the states entering layer k, in memory or on disk the same way, for every split when nothing
+below k is random in train mode, for evaluation only when dropout there is (`_partial_blockers`); families
+without a split forward (models/partial_towers.py) say so.
 """
 
 from __future__ import annotations
