@@ -139,3 +139,128 @@ def test_the_cache_stays_off_where_the_tower_can_change_and_says_why(tiny_paths,
     tokens = _run(tiny_paths, sixteen_examples, tmp_path / "xattn", "head.type=cross_attention", "train.max_steps=1")
     assert tokens["feature_cache"]["vision"] == ("not cached: the head reads token states, and only pooled outputs "
                                                  "are cached")
+
+
+# --- LoRA on the last N layers: the states below the first adapted layer (mmpeft/models/state_cache.py) -------------
+
+def _count_lower_layer_calls(monkeypatch) -> list[str]:
+    """Every forward of a CLIP encoder layer without LoRA, by tower: the layers a state cache skips."""
+    from peft.tuners.lora import LoraLayer
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextConfig
+
+    calls = []
+    forward = CLIPEncoderLayer.forward
+
+    def counted(self, *args, **kwargs):
+        if not isinstance(self.self_attn.q_proj, LoraLayer):
+            calls.append("text" if isinstance(self.self_attn.config, CLIPTextConfig) else "vision")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPEncoderLayer, "forward", counted)
+    return calls
+
+
+def _same_training(run, off):
+    assert [h["loss"] for h in run["history"]] == pytest.approx([h["loss"] for h in off["history"]], abs=1e-5)
+    assert run["eval"]["macro_f1"] == off["eval"]["macro_f1"]
+    assert run["eval"]["loss"] == pytest.approx(off["eval"]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("tower", ["vision", "text"])
+def test_lora_on_the_last_layer_trains_from_cached_states_as_without_them(tiny_paths, sixteen_examples, tmp_path,
+                                                                          monkeypatch, tower):
+    """LoRA on the last of the tiny CLIP's 2 layers, the other tower frozen: the layer below runs on the first pass
+    over each split only (3 epochs of 4 batches and 4 evaluations of 4 batches without the cache), the loss
+    history and the metrics are the uncached run's, and a later process reads the states from disk."""
+    other = "text" if tower == "vision" else "vision"
+    lora = (f"model.{tower}.mode=lora", f"model.{tower}.lora.layers=1", f"model.{other}.mode=frozen")
+    calls = _count_lower_layer_calls(monkeypatch)
+    off = _run(tiny_paths, sixteen_examples, tmp_path / "off", *lora, "train.feature_cache=off")
+    calls_off, calls[:] = calls.count(tower), []
+    memory = _run(tiny_paths, sixteen_examples, tmp_path / "memory", *lora)
+    assert (calls_off, calls.count(tower)) == (3 * 4 + 4 * 4, 4 + 4)
+    assert memory["feature_cache"][tower] == ("cached in memory (train, eval): the hidden states entering layer 1, "
+                                              "the first with LoRA")
+    _same_training(memory, off)
+    disk = []
+    for i in range(2):
+        calls[:] = []
+        disk.append(_run(tiny_paths, sixteen_examples, tmp_path / f"disk{i}", *lora, "train.feature_cache=disk",
+                         f"train.feature_cache_dir={tmp_path / 'cache'}"))
+        assert calls.count(tower) == (4 + 4 if i == 0 else 0)  # the second run maps what the first wrote
+        _same_training(disk[i], off)
+    written = [p for p in (tmp_path / "cache" / "features").iterdir() if (p / "states.bin").is_file()]
+    assert len(written) == 1 and (written[0] / "complete.json").is_file()
+    assert disk[0]["feature_cache"][tower].startswith("cached on disk under")
+
+
+def test_cached_text_states_fit_batches_of_other_lengths(tiny_paths, sixteen_examples):
+    """Rows cached from one batching are padded to another batch's length: the logits are the uncached ones."""
+    from mmpeft.models.partial_towers import partial_tower
+    from mmpeft.models.state_cache import StateCache
+
+    cfg, backbone, loader, model = _setup(tiny_paths, sixteen_examples, "model.text.mode=lora",
+                                          "model.text.lora.layers=1")
+    dataset, collate = loader.dataset, loader.collate_fn
+    by = {size: torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate)
+          for size in (3, 5)}
+    uncached = _logits(model, by[5])
+    cache = StateCache("k", len(dataset), partial_tower("clip", "text"), below_layer=1)
+    model.feature_caches = {"text": cache}
+    torch.testing.assert_close(_logits(model, by[3]), uncached, rtol=0, atol=1e-6)  # fills at the 3-batch lengths
+    assert cache.complete and {row.shape[0] for row in cache.rows} != {cache.rows[0].shape[0]}
+    torch.testing.assert_close(_logits(model, by[5]), uncached, rtol=0, atol=1e-6)
+
+
+def _with_config(folder, tmp_path, tower: str, **settings):
+    """A copy of a tiny checkpoint with `settings` in one tower's config."""
+    import json
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / f"{folder.name}-changed")
+    config = json.loads((copy / "config.json").read_text())
+    config[f"{tower}_config"].update(settings)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_the_state_cache_stays_off_where_the_layers_below_can_change_and_says_why(tiny_paths, sixteen_examples,
+                                                                                  tmp_path):
+    lora = ("model.vision.mode=lora", "model.vision.lora.layers=1", "model.text.mode=frozen", "train.max_steps=1")
+    dropout = _with_config(tiny_paths["clip"], tmp_path, "vision", attention_dropout=0.1)
+    run = _run({"clip": dropout}, sixteen_examples, tmp_path / "dropout", *lora)
+    assert run["feature_cache"]["vision"] == (
+        "cached in memory (eval): the hidden states entering layer 1, the first with LoRA; not for train: dropout "
+        "vision_model.encoder.layers.0.self_attn (p=0.1) of the vision tower is in train mode")
+    augmented = _run(tiny_paths, sixteen_examples, tmp_path / "aug", *lora, "data.augment.enabled=true")
+    assert augmented["feature_cache"]["vision"].endswith("not for train: image augmentation changes the vision "
+                                                         "inputs every epoch")
+    targets = r"model.vision.lora.targets=vision_model\.{}"
+    top = _run(tiny_paths, sixteen_examples, tmp_path / "top", *lora[::2], "train.max_steps=1",
+               targets.format(r"encoder\.layers\.1\.mlp\.fc1"))  # no `{layer}`: the layer is in the regex
+    assert top["feature_cache"]["vision"].startswith("cached in memory (train, eval): the hidden states entering "
+                                                     "layer 1")
+    embeddings = _run(tiny_paths, sixteen_examples, tmp_path / "embeddings", *lora[::2], "train.max_steps=1",
+                      targets.format(r"(embeddings\.patch_embedding|encoder\.layers\.1\.mlp\.fc1)"))
+    assert embeddings["feature_cache"]["vision"] == ("not cached: LoRA on vision_model.embeddings.patch_embedding, "
+                                                     "below the encoder layers")
+    siglip = _run({"clip": tiny_paths["siglip"]}, sixteen_examples, tmp_path / "siglip", *lora)
+    assert siglip["feature_cache"]["vision"] == ("not cached: the activations below layer 1 are cached only for the "
+                                                 "families clip (this is siglip)")
+
+
+def test_the_state_cache_key_sees_the_layers_below_and_not_the_adapted_ones(tiny_paths, sixteen_examples):
+    cfg, backbone, loader, model = _setup(tiny_paths, sixteen_examples, "model.vision.mode=lora",
+                                          "model.vision.lora.layers=1", "model.text.mode=frozen")
+    key = _key(model, loader, backbone, below_layer=1)
+    assert key != _key(model, loader, backbone) and key != _key(model, loader, backbone, below_layer=0)
+    layers = model.base.vision_model.encoder.layers
+    with torch.no_grad():
+        layers[1].mlp.fc1.weight[0, 0] += 1.0  # above the split: what LoRA on it trains from does not change
+        for name, param in layers[1].named_parameters():
+            if "lora_B" in name:
+                param.add_(1.0)
+    assert _key(model, loader, backbone, below_layer=1) == key
+    with torch.no_grad():
+        layers[0].mlp.fc1.weight[3, 5] += 1e-3
+    assert _key(model, loader, backbone, below_layer=1) != key

@@ -23,6 +23,7 @@ from ..quant import (
 from .adapters import attach_adapters
 from .heads import Head, build_head
 from .logit_scale import backbone_logit_scale
+from .state_cache import StateCache
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,20 @@ class DualTowers(nn.Module):
         finally:
             self.all_towers_with_grad = before
 
-    # {tower: FeatureCache} of the split being run (models/feature_cache.py); None, the default, caches nothing.
+    # {tower: FeatureCache or StateCache} of the split being run (models/feature_cache.py, models/state_cache.py);
+    # None, the default, caches nothing.
     feature_caches: dict | None = None
 
-    def _through_cache(self, tower: str, index: torch.Tensor | None, compute) -> TowerOutput:
+    def _through_cache(self, tower: str, index: torch.Tensor | None, compute, inputs: dict) -> TowerOutput:
+        """`compute()`, or the tower's cached pooled output (`FeatureCache`), or the adapted layers run from the
+        cached states below them (`StateCache`). Gradients with respect to the inputs bypass every cache."""
         cache = (self.feature_caches or {}).get(tower)
-        return compute() if cache is None or index is None else cache.output(index, compute)
+        if cache is None or index is None or self.all_towers_with_grad:
+            return compute()
+        if isinstance(cache, StateCache):
+            with self._grad_context(tower):
+                return cache.output(self.base, index, inputs)
+        return cache.output(index, compute)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     index: torch.Tensor | None = None) -> TowerOutput:
@@ -74,14 +83,14 @@ class DualTowers(nn.Module):
             with self._grad_context("text"):
                 return self.family.encode_text(self.base, input_ids, attention_mask)
 
-        return self._through_cache("text", index, compute)
+        return self._through_cache("text", index, compute, {"input_ids": input_ids, "attention_mask": attention_mask})
 
     def encode_image(self, pixel_values: torch.Tensor | None, index: torch.Tensor | None = None) -> TowerOutput:
         def compute():
             with self._grad_context("vision"):
                 return self.family.encode_image(self.base, pixel_values)
 
-        return self._through_cache("vision", index, compute)
+        return self._through_cache("vision", index, compute, {"pixel_values": pixel_values})
 
     def train(self, mode: bool = True):
         """Frozen towers stay in eval mode: their dropout and normalisation statistics are not trained. So do the
