@@ -78,18 +78,22 @@ def build_mmpeft_step(args, tokens: int | None = None):
     """mmpeft's real step and the identical tensors the plain loop gets: the parts and calls `mmpeft train` makes.
 
     Returns (step, batch, accelerator, model)."""
+    import torch
     from accelerate import Accelerator
 
     from mmpeft import build_classifier, load_backbone, load_config
+    from mmpeft.models.precision import fit_backbone_to_precision, keep_trainable_fp32
     from mmpeft.training.optim import build_optimizer, resolve_mixed_precision
 
     checkpoint = plain_loop.checkpoint_for(args.shape, Path(args.cache), getattr(args, "image_size", None))
     cfg = load_config(None, mmpeft_overrides(checkpoint, args.mode, args.precision, args.mmpeft))
     backbone = load_backbone(cfg.model.name, dtype=cfg.model.dtype, quantization=cfg.model.quantization,
                              device=args.device)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, backbone.model),
-                              cpu=args.device == "cpu")
+    mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, backbone.model)
+    fit_backbone_to_precision(backbone, cfg.model, mixed_precision, torch.device(args.device))  # as `mmpeft train`
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=args.device == "cpu")
     model = build_classifier(backbone, cfg, ["negative", "neutral", "positive"])
+    keep_trainable_fp32(model)
     optimizer = build_optimizer(model, cfg.train)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = MmpeftStep(model, optimizer, accelerator, cfg.train)

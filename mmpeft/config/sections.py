@@ -15,6 +15,7 @@ TOWER_MODES = ("frozen", "lora", "full")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 CLASS_WEIGHTS = ("none", "balanced")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 QUANT_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -105,8 +106,11 @@ class ModelConfig(Section):
     name: str = value("tiny-clip", kind=str)
     family: str | None = value(None, kind=str, optional=True)  # None = from the checkpoint's config.model_type
     revision: str | None = value(None, kind=str, optional=True)
-    # storage dtype of the backbone weights; auto = float32, or the compute dtype when quantized
+    # storage dtype of the backbone weights; auto = float32, or the compute dtype when quantized, or bfloat16 when
+    # the run trains under bf16 with no full tower (models/precision.py)
     dtype: str = choice("auto", DTYPES)
+    # transformers towers' attention; auto = eager on the CPU under bf16, else as loaded (sdpa)
+    attn_implementation: str = choice("auto", ATTENTION_IMPLEMENTATIONS)
     trust_pickle_weights: bool = value(False)  # also read pytorch_model.bin (with torch.load weights_only=True)
     text: TowerConfig = field(default_factory=TowerConfig)
     vision: TowerConfig = field(default_factory=TowerConfig)

@@ -18,17 +18,13 @@ import contextlib
 import torch
 from torch import nn
 
-
-def _eager_models(root: nn.Module):
-    from transformers import PreTrainedModel
-
-    return [m for m in root.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "set_attn_implementation")]
+from ..models.precision import transformers_models
 
 
 @contextlib.contextmanager
 def explaining(model):
     """Eval mode, eager attention in every transformers model inside, every tower with autograd; all restored."""
-    models = _eager_models(model.base)
+    models = transformers_models(model.base)
     before = [m.config._attn_implementation for m in models]
     was_training = model.training
     model.eval()

@@ -23,6 +23,7 @@ from ..config import Config
 from ..data.loaders import build_dataloaders
 from ..errors import TrainingError
 from ..models.adapters import format_trainable, trainable_report
+from ..models.precision import fit_backbone_to_precision, keep_trainable_fp32
 from ..models.saving import save_adapter
 from .caching import caches_for, describe_caches, plan_feature_caches, stop_decoding_cached_images
 from .checkpoints import (
@@ -82,6 +83,7 @@ class Run:
     cache_report: dict = field(default_factory=dict)  # {tower: cached where, or why not}
     step_seconds: list = field(default_factory=list)  # wall time of each optimizer step of this process, data included
     step_samples: list = field(default_factory=list)
+    precision: dict = field(default_factory=dict)  # what the mixed precision chose for weights and attention
 
 
 def train(cfg: Config) -> dict:
@@ -121,14 +123,22 @@ def setup(cfg: Config) -> Run:
                                  allow_random_init=cfg.model.allow_random_init)
         data = build_dataloaders(cfg.data, backbone, seed=cfg.train.seed, task=cfg.task,
                                  require_text=task.needs_text())
+    mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, backbone.model)
+    sharded = parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    precision = {"mixed_precision": mixed_precision, **fit_backbone_to_precision(
+        backbone, cfg.model, mixed_precision, processes.device, sharded=sharded)}
     model = task.build_model(backbone, data)
-    accelerator = _accelerator(cfg, out, tracker, resolve_mixed_precision(cfg.train.mixed_precision, model))
+    keep_trainable_fp32(model)
+    accelerator = _accelerator(cfg, out, tracker, mixed_precision)
     parameters = trainable_report(model)
     accelerator.print(f"backbone {backbone.name} ({backbone.family.name}), {task.describe(data)}")
     accelerator.print(format_trainable(parameters))
+    accelerator.print(f"precision {mixed_precision}; backbone weights {precision['weights']}; "
+                      f"attention {precision['attention']}")
     run = Run(cfg=cfg, out=out, accelerator=accelerator, task=task, backbone=backbone, data=data, model=model,
               loaders={}, parameters=parameters, state=LoopState(settings=resume_settings(flat_config(cfg.to_dict()))),
-              stopper=EarlyStopping(cfg.train.metric_for_best, cfg.train.early_stopping_patience))
+              stopper=EarlyStopping(cfg.train.metric_for_best, cfg.train.early_stopping_patience),
+              precision=precision)
     _prepare(run)
     run.before_training = task.before_training(run.model, run.loaders, accelerator)
     accelerator.init_trackers(cfg.train.project, config=flat_config(cfg.to_dict()),
@@ -327,6 +337,7 @@ def finish(run: Run) -> dict:
         **_throughput(run),
         "peak_memory_gib": peak_memory_gib(),
         "mixed_precision": accelerator.mixed_precision,
+        "precision": run.precision,
         "num_processes": accelerator.num_processes,
         "trainable_parameters": run.parameters,
         "feature_cache": run.cache_report,
