@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..backbones.registry import TowerOutput
+from .cache_files import is_complete, read_complete, write_complete
 from .partial_towers import PARTIAL_FAMILIES, partial_tower
 
 logger = logging.getLogger(__name__)
@@ -219,12 +220,8 @@ class FeatureCache:
         self.folder = Path(root) / key if root is not None else None
         self.pooled: torch.Tensor | None = None
         self.filled = torch.zeros(size, dtype=torch.bool)
-        if self.folder is not None and (self.folder / "complete.json").is_file():
-            meta = json.loads((self.folder / "complete.json").read_text())
-            dtype = getattr(torch, meta["dtype"])
-            numel = meta["shape"][0] * meta["shape"][1]
-            self.pooled = torch.from_file(str(self.folder / "pooled.bin"), shared=False, size=numel,
-                                          dtype=dtype).view(*meta["shape"])
+        if is_complete(self.folder):
+            self.pooled, _ = read_complete(self.folder)
             self.filled[:] = True
 
     @property
@@ -249,9 +246,5 @@ class FeatureCache:
             self._write()
 
     def _write(self) -> None:
-        """Raw bytes + a marker written last: a cache cut off half-way is never read as complete."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.pooled.contiguous().view(torch.uint8).numpy().tofile(self.folder / "pooled.bin")
-        meta = {"shape": list(self.pooled.shape), "dtype": str(self.pooled.dtype).removeprefix("torch.")}
-        (self.folder / "complete.json").write_text(json.dumps(meta))
-        logger.info("feature cache %s complete: %d examples", self.folder, self.size)
+        if write_complete(self.folder, "pooled", self.pooled, {}):
+            logger.info("feature cache %s complete: %d examples", self.folder, self.size)

@@ -8,13 +8,12 @@ states and the gradients of the LoRA weights are those of the whole tower. Text 
 uncached batch is. The states at padding positions are zeros there: the padding mask hides them from every real
 position, and the pooling reads a real one (the EOS token), so no output that is read changes.
 
-Like `FeatureCache`, the states live in memory or, once complete, memory-mapped under `root/<key>/` (raw bytes,
-the rows' lengths, and a `complete.json` written last).
+Like `FeatureCache`, the states live in memory or, once complete, memory-mapped under `root/<key>/`
+(`cache_files.py`: raw bytes, the rows' lengths, and a `complete.json` written last).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..backbones.registry import TowerOutput
 from ..errors import TrainingError
+from .cache_files import is_complete, read_complete, write_complete
 from .partial_towers import PartialTower
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class StateCache:
         self.folder = Path(root) / key if root is not None else None
         self.rows: list[torch.Tensor | None] = [None] * size
         self.filled = 0
-        if self.folder is not None and (self.folder / "complete.json").is_file():
+        if is_complete(self.folder):
             self._read()
 
     @property
@@ -85,23 +85,13 @@ class StateCache:
         return states.to(device)
 
     def _write(self) -> None:
-        """Raw bytes of every row end to end, their lengths, and a marker written last: a cache cut off half-way is
-        never read as complete. A complete folder is left alone: the key says it holds these very states (two
-        splits of the same inputs share it), and rewriting it could cut a finished cache in half."""
-        if (self.folder / "complete.json").is_file():
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        flat = torch.cat(self.rows).contiguous()  # every row is (positions, width)
-        flat.view(torch.uint8).numpy().tofile(self.folder / "states.bin")
-        meta = {"dtype": str(flat.dtype).removeprefix("torch."), "width": flat.shape[-1],
-                "lengths": [row.shape[0] for row in self.rows], "below_layer": self.below_layer}
-        (self.folder / "complete.json").write_text(json.dumps(meta))
-        logger.info("state cache %s complete: %d examples below layer %d", self.folder, self.size, self.below_layer)
+        """Every row end to end (each is (positions, width)) with their lengths, in `cache_files`' form."""
+        meta = {"lengths": [row.shape[0] for row in self.rows], "below_layer": self.below_layer}
+        if write_complete(self.folder, "states", torch.cat(self.rows), meta):
+            logger.info("state cache %s complete: %d examples below layer %d", self.folder, self.size,
+                        self.below_layer)
 
     def _read(self) -> None:
-        meta = json.loads((self.folder / "complete.json").read_text())
-        lengths = meta["lengths"]
-        flat = torch.from_file(str(self.folder / "states.bin"), shared=False, size=sum(lengths) * meta["width"],
-                               dtype=getattr(torch, meta["dtype"])).view(-1, meta["width"])
-        self.rows = list(torch.split(flat, lengths))
+        flat, meta = read_complete(self.folder)
+        self.rows = list(torch.split(flat, meta["lengths"]))
         self.filled = self.size
