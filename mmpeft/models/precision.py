@@ -57,9 +57,10 @@ def fit_backbone_to_precision(backbone, model_cfg, mixed_precision: str, device:
     """Apply `model.dtype=auto` and `model.attn_implementation` to a freshly loaded backbone (see the module
     docstring); returns what was chosen and why, for metrics.json."""
     blocker = bf16_storage_blocker(model_cfg, mixed_precision, sharded)
-    if blocker is None and backbone.model.dtype != torch.bfloat16:
+    if blocker is None:
         backbone.model.to(torch.bfloat16)
-    weights = (f"{str(backbone.model.dtype).removeprefix('torch.')}: "
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in backbone.model.parameters() if p.is_floating_point()})
+    weights = (f"{'/'.join(dtypes)}: "
                + ("stored in bf16 under bf16 autocast; LoRA and head in fp32" if blocker is None else blocker))
     return {"weights": weights, "attention": _fit_attention(backbone.model, model_cfg.attn_implementation,
                                                            mixed_precision, device)}
