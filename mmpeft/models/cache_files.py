@@ -10,6 +10,7 @@ another process maps it could hand that process half a file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -42,9 +43,6 @@ def write_complete(folder: Path, name: str, tensor: torch.Tensor, meta: dict) ->
 def read_complete(folder: Path) -> tuple[torch.Tensor, dict]:
     """The tensor of a complete folder, memory-mapped (copy on write), and its marker."""
     meta = json.loads((folder / MARKER).read_text())
-    shape = meta["shape"]
-    numel = 1
-    for n in shape:
-        numel *= n
-    tensor = torch.from_file(str(folder / meta["file"]), shared=False, size=numel, dtype=getattr(torch, meta["dtype"]))
-    return tensor.view(*shape), meta
+    tensor = torch.from_file(str(folder / meta["file"]), shared=False, size=math.prod(meta["shape"]),
+                             dtype=getattr(torch, meta["dtype"]))
+    return tensor.view(*meta["shape"]), meta

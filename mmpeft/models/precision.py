@@ -1,7 +1,7 @@
 """What the run's mixed precision changes in the backbone before the classifier is built on it.
 
 Under bf16 autocast every matrix product of a frozen weight runs in bf16 anyway: autocast casts the fp32 weight
-at each call (`aten::copy_`, 5529 calls in three B/32 steps). Two settings follow from that, each `auto` by
+at each call. Two settings follow from that, each `auto` by
 default and each recorded in `metrics.json["precision"]` with the reason:
 
 * `model.dtype=auto` stores the backbone in bf16 when the run trains under bf16, no tower trains in full (their
@@ -9,8 +9,9 @@ default and each recorded in `metrics.json["precision"]` with the reason:
   (those need one dtype per flat parameter). LoRA weights and the head are built afterwards in fp32, and every
   trainable parameter is checked to be fp32. It saves the per-call casts and half the frozen weights' memory.
 * `model.attn_implementation=auto` runs transformers towers with eager attention on the CPU under bf16: torch's
-  CPU flash-attention backward in bf16 takes 0.12 s of a 0.89 s B/32 step, eager's batched products less
-  (benchmarks/README.md, "CPU levers"); SDPA everywhere else (CUDA, fp32 on the CPU).
+  CPU flash-attention backward in bf16 took 0.12 s of a 0.89 s B/32 step (`benchmarks/profile_step.py --shape b32
+  --precision bf16`), and B/32 / B/16 steps ran faster eager in this session's in-process A/B; fp32 showed no
+  difference, so SDPA everywhere else (CUDA, fp32 on the CPU).
 """
 
 from __future__ import annotations
