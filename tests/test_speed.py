@@ -94,3 +94,21 @@ def test_statistics_skip_the_warm_up_and_pair_the_runs():
     ratios = speed_report.ratios(list(zip(a, b)), warmup=1)
     assert ratios["samples_per_s"]["values"] == [2.0, 1.0] and ratios["samples_per_s"]["median"] == 1.5
     assert ratios["peak_memory"]["values"] == [0.5, 0.6]
+
+
+@pytest.mark.slow  # two `mmpeft train` processes on the embedded task, 2 steps each
+def test_precision_f1_smoke_run_writes_both_precisions(tmp_path):
+    """benchmarks/precision_f1.py: fp32 and bf16 runs of one seed, their test macro-F1 and the gap, JSON + table."""
+    readme, out = tmp_path / "README.md", tmp_path / "precision_f1.json"
+    readme.write_text("# Benchmarks\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision_f1.py"), "--seeds", "0", "--steps",
+                           "2", "--out", str(out), "--readme", str(readme)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["precision"], r["seed"], r["steps"]) for r in result["rows"]] == [("no", 0, 2), ("bf16", 0, 2)]
+    assert [r["mixed_precision"] for r in result["rows"]] == ["no", "bf16"]
+    assert result["rows"][1]["choices"]["weights"].startswith("bfloat16")
+    gap = 100 * (result["rows"][1]["test_macro_f1"] - result["rows"][0]["test_macro_f1"])
+    assert result["gaps_points"] == [pytest.approx(gap)] and result["largest_gap_points"] == pytest.approx(abs(gap))
+    assert "<!-- precision-f1:start -->" in readme.read_text() and "| 0 |" in readme.read_text()
