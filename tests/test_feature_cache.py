@@ -196,7 +196,7 @@ def test_lora_on_the_last_layer_trains_from_cached_states_as_without_them(tiny_p
 
 def test_cached_text_states_fit_batches_of_other_lengths(tiny_paths, sixteen_examples):
     """Rows cached from one batching are padded to another batch's length: the logits are the uncached ones."""
-    from mmpeft.models.partial_towers import partial_tower
+    from mmpeft.models.partial_towers import PARTIAL_FAMILIES
     from mmpeft.models.state_cache import StateCache
 
     cfg, backbone, loader, model = _setup(tiny_paths, sixteen_examples, "model.text.mode=lora",
@@ -205,7 +205,7 @@ def test_cached_text_states_fit_batches_of_other_lengths(tiny_paths, sixteen_exa
     by = {size: torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate)
           for size in (3, 5)}
     uncached = _logits(model, by[5])
-    cache = StateCache("k", len(dataset), partial_tower("clip", "text"), below_layer=1)
+    cache = StateCache("k", len(dataset), PARTIAL_FAMILIES["clip"]["text"], below_layer=1)
     model.feature_caches = {"text": cache}
     torch.testing.assert_close(_logits(model, by[3]), uncached, rtol=0, atol=1e-6)  # fills at the 3-batch lengths
     assert cache.complete and {row.shape[0] for row in cache.rows} != {cache.rows[0].shape[0]}
@@ -245,8 +245,9 @@ def test_the_state_cache_stays_off_where_the_layers_below_can_change_and_says_wh
     assert embeddings["feature_cache"]["vision"] == ("not cached: LoRA on vision_model.embeddings.patch_embedding, "
                                                      "below the encoder layers")
     siglip = _run({"clip": tiny_paths["siglip"]}, sixteen_examples, tmp_path / "siglip", *lora)
-    assert siglip["feature_cache"]["vision"] == ("not cached: the activations below layer 1 are cached only for the "
-                                                 "families clip (this is siglip)")
+    assert siglip["feature_cache"]["vision"] == ("not cached: the states below the first adapted layer are cached "
+                                                 "only for clip's text and vision and dual's text towers, not "
+                                                 "siglip's vision tower")
 
 
 def test_the_state_cache_key_sees_the_layers_below_and_not_the_adapted_ones(tiny_paths, sixteen_examples):
@@ -264,3 +265,52 @@ def test_the_state_cache_key_sees_the_layers_below_and_not_the_adapted_ones(tiny
     with torch.no_grad():
         layers[0].mlp.fc1.weight[3, 5] += 1e-3
     assert _key(model, loader, backbone, below_layer=1) != key
+
+
+def _count_bert_layer_calls(monkeypatch) -> list[int]:
+    """One entry per forward of a BERT layer without LoRA: the layers a state cache skips."""
+    from peft.tuners.lora import LoraLayer
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    calls = []
+    forward = BertLayer.forward
+
+    def counted(self, *args, **kwargs):
+        if not isinstance(self.attention.self.query, LoraLayer):
+            calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BertLayer, "forward", counted)
+    return calls
+
+
+def test_a_dual_bert_text_tower_caches_the_states_below_its_last_layer(tiny_dual, sixteen_examples, tmp_path,
+                                                                       monkeypatch):
+    """A dual encoder's BERT text tower with LoRA on its last layer: with BERT's hidden dropout 0.1 in train mode
+    the training split is not cached (said), evaluation is; with dropout 0 both are, and the run trains as the
+    uncached one."""
+    import json
+    import shutil
+
+    name = tiny_dual["torchvision"]
+    bert = name.split(",")[0].removeprefix("dual:text=")
+    quiet = shutil.copytree(bert, tmp_path / "bert-no-dropout")
+    config = json.loads((quiet / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (quiet / "config.json").write_text(json.dumps(config))
+    lora = ("model.text.mode=lora", "model.text.lora.layers=1", "model.vision.mode=frozen", "head.hidden=0")
+    calls = _count_bert_layer_calls(monkeypatch)
+    dropout = _run({"clip": name}, sixteen_examples, tmp_path / "dropout", *lora)
+    assert dropout["feature_cache"]["text"] == (
+        "cached in memory (eval): the hidden states entering layer 1, the first with LoRA; not for train: dropout "
+        "text_model.embeddings.dropout (p=0.1) of the text tower is in train mode (and 3 more dropout modules)")
+    assert len(calls) == 3 * 4 + 4  # every training epoch, the first evaluation only
+    quiet_name = name.replace(f"text={bert}", f"text={quiet}")
+    calls[:] = []
+    off = _run({"clip": quiet_name}, sixteen_examples, tmp_path / "off", *lora, "train.feature_cache=off")
+    calls_off, calls[:] = len(calls), []
+    memory = _run({"clip": quiet_name}, sixteen_examples, tmp_path / "memory", *lora)
+    assert (calls_off, len(calls)) == (3 * 4 + 4 * 4, 4 + 4)
+    assert memory["feature_cache"]["text"] == ("cached in memory (train, eval): the hidden states entering layer 1, "
+                                               "the first with LoRA")
+    _same_training(memory, off)

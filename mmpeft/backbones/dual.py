@@ -134,14 +134,19 @@ def load_dual(spec: str, *, torch_dtype: torch.dtype, revision: str | None, trus
     return model, tokenizer, processor, info
 
 
-def _text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
-    tokens = model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    if model.config.pooling == "cls":
+def pool_text(tokens: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> TowerOutput:
+    """The text tower's output from its last hidden states: the first token (`cls`) or the mean over real tokens."""
+    if pooling == "cls":
         pooled = tokens[:, 0]
     else:  # mean over real tokens: padding never counts
         weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1)
     return TowerOutput(pooled, tokens, attention_mask)
+
+
+def _text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TowerOutput:
+    tokens = model.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return pool_text(tokens, attention_mask, model.config.pooling)
 
 
 def _image(model: nn.Module, pixel_values: torch.Tensor) -> TowerOutput:

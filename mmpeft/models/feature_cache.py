@@ -11,8 +11,9 @@ a head that reads token states (`cross_attention`) turns the cache off.
 
 A tower with LoRA on its last N layers only (`model.<tower>.lora.layers=N`, or `lora.targets` that leave the
 lower layers alone) caches the hidden states that enter its first adapted layer instead (`StateCache`,
-models/state_cache.py; the split forward is models/partial_towers.py, written for the `clip` family's towers):
-each later epoch runs only the adapted layers, the final norm, the pooling and the projection.
+models/state_cache.py; the split forward is models/partial_towers.py, written for CLIP's towers and a dual
+encoder's BERT-style text tower): each later epoch runs only the adapted layers, the final norm, the pooling and
+the projection.
 `partial_cache_blockers` says what stops it: another family, LoRA below the encoder layers or on layers that are
 not one top block, anything else training below the split, augmentation, several processes, and, for the
 training split only (evaluation runs in eval mode), dropout or BatchNorm below the split in train mode
@@ -38,7 +39,7 @@ from torch import nn
 
 from ..backbones.registry import TowerOutput
 from .cache_files import is_complete, read_complete, write_complete
-from .partial_towers import PARTIAL_FAMILIES, partial_tower
+from .partial_towers import partial_tower, split_missing
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
@@ -70,17 +71,20 @@ def _augment_reason(tower: str) -> str:
 def nondeterministic(modules: dict[str, nn.Module], tower: str) -> list[str]:
     """Modules whose train-mode output is random (dropout, also the float `dropout` attention modules such as
     CLIPAttention pass to the attention function) or moves with the batch (BatchNorm)."""
-    reasons = []
+    found = {"dropout": [], "BatchNorm": []}
     for prefix, m in modules.items():
         for name, sub in m.named_modules(prefix=prefix):
             p = sub.p if isinstance(sub, nn.Dropout) else getattr(sub, "dropout", None)
             if not sub.training:
                 continue
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                reasons.append(f"BatchNorm {name} of the {tower} tower is in train mode")
+                found["BatchNorm"].append(name)
             elif isinstance(p, float) and p > 0:
-                reasons.append(f"dropout {name} (p={p}) of the {tower} tower is in train mode")
-    return reasons
+                found["dropout"].append(f"{name} (p={p})")
+    # the first of each kind by name, the rest counted: a BERT tower has a dropout in every sublayer
+    return [f"{kind} {names[0]} of the {tower} tower is in train mode"
+            + (f" (and {len(names) - 1} more {kind} modules)" if len(names) > 1 else "")
+            for kind, names in found.items() if names]
 
 
 def partial_cache_blockers(model, tower: str, *, augment: bool = False, num_processes: int = 1) -> list[str]:
@@ -88,10 +92,9 @@ def partial_cache_blockers(model, tower: str, *, augment: bool = False, num_proc
     can). Call with the model in train mode: `DualTowers.train()` keeps LoRA towers there, so a dropout below the
     first adapted layer (BERT / MiniLM's hidden dropout 0.1) draws anew every epoch, while CLIP's
     attention_dropout=0 layers do not."""
-    split = partial_tower(model.family.name, tower)
+    split = partial_tower(model, tower)
     if split is None:
-        return [f"the hidden states below the first adapted layer are cached only for the families "
-                f"{', '.join(PARTIAL_FAMILIES)}, not {model.family.name}"]
+        return [split_missing(model, tower)]
     reasons, below = lora_layout(model, tower), first_adapted_layer(model, tower)
     if below is not None:
         below_modules = dict(zip(split.below_names(below), split.below_modules(model.base, below)))
@@ -114,7 +117,7 @@ def _tower_lora_names(model, tower: str) -> list[str]:
 
 def first_adapted_layer(model, tower: str) -> int | None:
     """The lowest encoder layer of `tower` that carries LoRA, or None (no split forward, or no LoRA in layers)."""
-    split = partial_tower(model.family.name, tower)
+    split = partial_tower(model, tower)
     layers = [split.layer_index(n) for n in _tower_lora_names(model, tower)] if split is not None else []
     return min((i for i in layers if i is not None), default=None)
 
@@ -122,7 +125,7 @@ def first_adapted_layer(model, tower: str) -> int | None:
 def lora_layout(model, tower: str) -> list[str]:
     """What stops a split at the first adapted layer: LoRA outside the encoder layers below the top modules, or
     adapted layers that are not one contiguous top block (`lora.targets` without `{layer}`, say)."""
-    split = partial_tower(model.family.name, tower)
+    split = partial_tower(model, tower)
     names = _tower_lora_names(model, tower)
     total = len(split.layer_list(model.base))
     below_layers = [n for n in names if any(n.startswith(e + ".") for e in split.embeddings)]
@@ -145,7 +148,7 @@ def cached_modules(model, tower: str, below_layer: int | None = None) -> list[nn
     """What a cache's contents depend on: the whole tower, or (`below_layer=k`) its embeddings and layers < k."""
     if below_layer is None:
         return tower_modules(model, tower)
-    return partial_tower(model.family.name, tower).below_modules(model.base, below_layer)
+    return partial_tower(model, tower).below_modules(model.base, below_layer)
 
 
 def tower_weights_sha256(modules: list[nn.Module]) -> str:
@@ -189,7 +192,7 @@ def cache_key(model, tower: str, dataset, *, mixed_precision: str, device: torch
     dtypes = sorted({str(p.dtype) for m in modules for p in m.parameters()})
     encode = model.family.encode_text if tower == "text" else model.family.encode_image
     if below_layer is not None:
-        encode = partial_tower(model.family.name, tower).below
+        encode = partial_tower(model, tower).below
     settings = {
         "format": CACHE_FORMAT, "family": model.family.name, "tower": tower, "pooling": encode.__qualname__,
         "weights": weights_sha256 or tower_weights_sha256(modules), "dtypes": dtypes,
@@ -198,7 +201,7 @@ def cache_key(model, tower: str, dataset, *, mixed_precision: str, device: torch
         "examples": len(dataset),
     }
     if below_layer is not None:
-        settings.update(below_layer=below_layer, layers=len(partial_tower(model.family.name, tower).layer_list(
+        settings.update(below_layer=below_layer, layers=len(partial_tower(model, tower).layer_list(
             model.base)))
     if tower == "text":
         settings.update(text_length=text_length, padding=padding)

@@ -6,8 +6,9 @@ family's `encode_text` / `encode_image` returns. The two halves are the transfor
 modules, masks and pooling, in the same order), so `above(below(x))` is the family's function: LoRA on the last
 N layers (`model.<tower>.lora.layers=N`) trains from cached states exactly as it trains from the inputs.
 
-Only families whose transformers forward is spelled out here can be split (`PARTIAL_FAMILIES`); the feature cache
-(models/feature_cache.py) says so for the others.
+Only towers whose transformers forward is spelled out here can be split (`PARTIAL_FAMILIES`: CLIP's two towers,
+and a dual encoder's text tower when it is a BERT-style encoder); `split_missing` says why for the others, and the
+feature cache (models/feature_cache.py) reports it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PartialTower:
     embeddings: tuple[str, ...]
     below: Callable[[nn.Module, int, dict], torch.Tensor]
     above: Callable[[nn.Module, int, torch.Tensor, dict], TowerOutput]
+    unfit: Callable[[nn.Module], str | None] = lambda base: None  # why this base's tower is not the one written
 
     def layer_list(self, base: nn.Module) -> nn.ModuleList:
         return base.get_submodule(self.layers)
@@ -99,6 +101,49 @@ def _clip_image_above(base: nn.Module, k: int, states: torch.Tensor, inputs: dic
     return TowerOutput(base.visual_projection(pooled), states, None)
 
 
+# --- a dual encoder's BERT-style text tower (transformers' BertModel / RobertaModel forward, modeling_bert.py) -------
+
+BERT_STYLE = ("bert", "roberta", "xlm-roberta")  # embeddings, encoder.layer[i](states, mask), a bidirectional mask
+
+
+def _bert_mask(text_model: nn.Module, states: torch.Tensor, attention_mask: torch.Tensor):
+    """The padding mask BertModel.forward builds for an encoder, from transformers' own helper (its form follows the
+    attention implementation, as in `_clip_text_mask`)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=text_model.config, inputs_embeds=states, attention_mask=attention_mask)
+
+
+def _bert_text_below(base: nn.Module, k: int, inputs: dict) -> torch.Tensor:
+    text_model = base.text_model
+    states = text_model.embeddings(input_ids=inputs["input_ids"])
+    mask = _bert_mask(text_model, states, inputs["attention_mask"])
+    for layer in text_model.encoder.layer[:k]:
+        states = layer(states, mask)
+    return states
+
+
+def _bert_text_above(base: nn.Module, k: int, states: torch.Tensor, inputs: dict) -> TowerOutput:
+    """Layers k.., then the dual encoder's pooling of the last hidden states (`cls` or the mean over real tokens)."""
+    from ..backbones.dual import pool_text
+
+    text_model, attention_mask = base.text_model, inputs["attention_mask"]
+    mask = _bert_mask(text_model, states, attention_mask)
+    for layer in text_model.encoder.layer[k:]:
+        states = layer(states, mask)
+    return pool_text(states, attention_mask, base.config.pooling)
+
+
+def _bert_unfit(base: nn.Module) -> str | None:
+    config = base.text_model.config
+    if config.model_type not in BERT_STYLE:
+        return (f"the text tower is a {config.model_type} encoder; its split forward is written for "
+                f"{', '.join(BERT_STYLE)}")
+    if config.is_decoder:
+        return "the text tower is configured as a decoder (causal mask); its split forward is written for encoders"
+    return None
+
+
 PARTIAL_FAMILIES: dict[str, dict[str, PartialTower]] = {
     "clip": {
         "text": PartialTower("text_model.encoder.layers", ("text_model.embeddings",), _clip_text_below,
@@ -106,9 +151,25 @@ PARTIAL_FAMILIES: dict[str, dict[str, PartialTower]] = {
         "vision": PartialTower("vision_model.encoder.layers", ("vision_model.embeddings", "vision_model.pre_layrnorm"),
                                _clip_image_below, _clip_image_above),
     },
+    "dual": {
+        "text": PartialTower("text_model.encoder.layer", ("text_model.embeddings",), _bert_text_below,
+                             _bert_text_above, unfit=_bert_unfit),
+    },
 }
 
 
-def partial_tower(family_name: str, tower: str) -> PartialTower | None:
-    """The split forward of `tower` in `family_name`, or None where none is written."""
-    return PARTIAL_FAMILIES.get(family_name, {}).get(tower)
+def split_missing(model, tower: str) -> str | None:
+    """Why `tower` of `model` (a classifier: `.family`, `.base`) has no split forward, or None when it has one."""
+    split = PARTIAL_FAMILIES.get(model.family.name, {}).get(tower)
+    if split is None:
+        written = " and ".join(f"{family}'s {' and '.join(towers)}" for family, towers in PARTIAL_FAMILIES.items())
+        return (f"the states below the first adapted layer are cached only for {written} towers, not "
+                f"{model.family.name}'s {tower} tower")
+    return split.unfit(model.base)
+
+
+def partial_tower(model, tower: str) -> PartialTower | None:
+    """The split forward of `tower` in `model` (a classifier: `.family`, `.base`), or None where none is written."""
+    if split_missing(model, tower) is not None:
+        return None
+    return PARTIAL_FAMILIES[model.family.name][tower]

@@ -32,7 +32,7 @@ from ..models.feature_cache import (
     partial_cache_blockers,
     tower_weights_sha256,
 )
-from ..models.partial_towers import PARTIAL_FAMILIES, partial_tower
+from ..models.partial_towers import partial_tower, split_missing
 from ..models.state_cache import StateCache
 
 SPLITS = ("train", "eval", "test")
@@ -84,7 +84,7 @@ def _last_layers_split(run, model, tower: str) -> int | None:
     settings = getattr(run.cfg.model, tower)
     if settings.mode != "lora":
         return None
-    if partial_tower(model.family.name, tower) is not None:
+    if partial_tower(model, tower) is not None:
         return first_adapted_layer(model, tower) or None
     total = model.family.num_layers(model.base.config, tower)
     layers = settings.lora.layers
@@ -107,10 +107,8 @@ def _frozen_blockers(run, model, tower: str) -> tuple[list[str], list[str]]:
 def _partial_blockers(run, model, tower: str) -> tuple[list[str], list[str]]:
     """As `_frozen_blockers`, for the states below the first LoRA layer: dropout and BatchNorm there stop only
     the training split's cache (evaluation runs in eval mode, where they are deterministic)."""
-    if partial_tower(model.family.name, tower) is None:
-        below = _last_layers_split(run, model, tower)
-        return [f"the activations below layer {below} are cached only for the families {', '.join(PARTIAL_FAMILIES)}"
-                f" (this is {model.family.name})"], []
+    if partial_tower(model, tower) is None:
+        return [split_missing(model, tower)], []
     model.eval()
     always = partial_cache_blockers(model, tower, num_processes=run.accelerator.num_processes)
     model.train()
@@ -132,7 +130,7 @@ def _cache(run, model, tower: str, split: str, weights: str | None, below: int |
         root = cache_root(cfg.train.feature_cache_dir)
     if below is None:
         return FeatureCache(key, len(dataset), root=root)
-    return StateCache(key, len(dataset), partial_tower(model.family.name, tower), below, root=root)
+    return StateCache(key, len(dataset), partial_tower(model, tower), below, root=root)
 
 
 @contextlib.contextmanager
