@@ -314,3 +314,34 @@ def test_a_dual_bert_text_tower_caches_the_states_below_its_last_layer(tiny_dual
     assert memory["feature_cache"]["text"] == ("cached in memory (train, eval): the hidden states entering layer 1, "
                                                "the first with LoRA")
     _same_training(memory, off)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_bert_style_split_is_the_text_towers_forward(model_type, attention):
+    """`above(below(x))` at every layer is the whole encoder's forward + pooling, padding included, for each
+    model type the split is written for and both attention implementations."""
+    from types import SimpleNamespace
+
+    import transformers as tf
+
+    from mmpeft.backbones.dual import pool_text
+    from mmpeft.models.partial_towers import PARTIAL_FAMILIES
+
+    torch.manual_seed(0)
+    config = tf.AutoConfig.for_model(model_type, vocab_size=99, hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=40,
+                                     attn_implementation=attention)
+    base = SimpleNamespace(text_model=tf.AutoModel.from_config(config).eval(), config=SimpleNamespace(pooling="mean"))
+    split = PARTIAL_FAMILIES["dual"]["text"]
+    assert split.unfit(base) is None
+    inputs = {"input_ids": torch.randint(5, 99, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    inputs["attention_mask"][1, 6:] = 0
+    with torch.no_grad():
+        whole = pool_text(base.text_model(**inputs).last_hidden_state, inputs["attention_mask"], "mean").pooled
+        for k in range(4):
+            torch.testing.assert_close(split.above(base, k, split.below(base, k, inputs), inputs).pooled, whole)
+    config = tf.AutoConfig.for_model("distilbert", vocab_size=99)
+    other = SimpleNamespace(text_model=tf.AutoModel.from_config(config), config=base.config)
+    assert split.unfit(other) == ("the text tower is a distilbert encoder; its split forward is written for bert, "
+                                  "roberta, xlm-roberta")
