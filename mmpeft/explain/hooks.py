@@ -18,26 +18,21 @@ import contextlib
 import torch
 from torch import nn
 
-from ..models.precision import transformers_models
+from ..models.precision import restore_attention, set_attention
 
 
 @contextlib.contextmanager
 def explaining(model):
     """Eval mode, eager attention in every transformers model inside, every tower with autograd; all restored."""
-    models = transformers_models(model.base)
-    before = [m.config._attn_implementation for m in models]
     was_training = model.training
     model.eval()
+    switched = []
     try:
-        for m in models:
-            if m.config._attn_implementation != "eager":
-                m.set_attn_implementation("eager")
+        switched = set_attention(model.base, "eager")
         with model.gradients_everywhere():
             yield model
     finally:
-        for m, impl in zip(models, before):
-            if impl and impl != "eager":
-                m.set_attn_implementation(impl)
+        restore_attention(switched)
         model.train(was_training)
 
 

@@ -29,14 +29,23 @@ def transformers_models(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if isinstance(m, PreTrainedModel) and hasattr(m, "set_attn_implementation")]
 
 
-def set_attention(root: nn.Module, implementation: str) -> int:
-    """Switch every transformers model inside `root` to `implementation`; how many were switched."""
-    switched = 0
+def set_attention(root: nn.Module, implementation: str) -> list[tuple[nn.Module, str]]:
+    """Switch every transformers model inside `root` to `implementation`; (model, its implementation before) for
+    each one switched, which `restore_attention` takes."""
+    switched = []
     for model in transformers_models(root):
-        if model.config._attn_implementation != implementation:
+        before = model.config._attn_implementation
+        if before != implementation:
             model.set_attn_implementation(implementation)
-            switched += 1
+            switched.append((model, before))
     return switched
+
+
+def restore_attention(switched: list[tuple[nn.Module, str]]) -> None:
+    """Undo `set_attention`: each model back to the implementation it had."""
+    for model, before in switched:
+        if before:
+            model.set_attn_implementation(before)
 
 
 def bf16_storage_blocker(model_cfg, mixed_precision: str, sharded: bool) -> str | None:
