@@ -29,10 +29,19 @@ from memory import build_checkpoint, peak_gib, reset_peak, synthetic_batch  # no
 # Short names of the shapes the harness knows: the tiny embedded default and real checkpoints' shapes.
 SHAPES = {"tiny": "tiny-clip", "b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16",
           "l14": "openai/clip-vit-large-patch14", "siglip": "google/siglip-base-patch16-224"}
-MODES = ("full", "lora", "qlora4", "lora8", "probe", "lora_text")
+MODES = ("full", "lora", "qlora4", "lora8", "probe", "lora_text", "lora_last2")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # lora_text: LoRA on the text tower only, the vision tower frozen (what the feature cache serves)
 TEXT_LORA_TARGETS = r"text_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj"
+
+
+def last_layers_targets(config, n: int = 2) -> str:
+    """lora_last2: LoRA on the last `n` encoder layers of each tower only (what the state cache serves)."""
+    towers = []
+    for tower, sub in (("text_model", config.text_config), ("vision_model", config.vision_config)):
+        layers = "|".join(str(i) for i in range(sub.num_hidden_layers - n, sub.num_hidden_layers))
+        towers.append(rf"{tower}\.encoder\.layers\.({layers})")
+    return rf"({'|'.join(towers)})\.self_attn\.(q|k|v|out)_proj"
 
 
 def checkpoint_for(shape: str, cache: Path, image_size: int | None = None) -> Path:
@@ -55,7 +64,8 @@ def _load(checkpoint: Path, mode: str, precision: str, device):
     import torch
     from transformers import AutoModel, BitsAndBytesConfig
 
-    kwargs = {"dtype": torch.bfloat16 if precision == "bf16" and mode in ("lora", "lora_text") else torch.float32}
+    kwargs = {"dtype": torch.bfloat16 if precision == "bf16" and mode in ("lora", "lora_text", "lora_last2")
+              else torch.float32}
     if mode == "lora8":
         kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
     elif mode == "qlora4":
@@ -76,6 +86,9 @@ def build(checkpoint: Path, mode: str, precision: str, device):
     elif mode == "lora_text":
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                  target_modules=TEXT_LORA_TARGETS))
+    elif mode == "lora_last2":
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules=last_layers_targets(model.config)))
     elif mode == "probe":
         model.requires_grad_(False)
     model.to(device)

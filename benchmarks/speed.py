@@ -10,7 +10,8 @@ other jobs falls on both sides alike, and reports medians over the runs and the 
   mmpeft's real step (`build_classifier`, `build_optimizer`, Accelerate, the loop's loss and clipping);
 - `epochs`: as e2e, but mmpeft trains `--epochs` epochs (default 2) and only its last epoch's steps count, against
   the plain loop's one epoch (it has no cache: every epoch costs the same): what the frozen-tower feature cache
-  buys (modes `lora_text`: vision frozen and cached; `probe`: both towers cached);
+  buys (modes `lora_text`: vision frozen and cached; `probe`: both towers cached; `lora_last2`: LoRA on the last 2
+  layers of each tower, the states entering them cached);
 - `e2e`: a JSONL of real JPEG files (224-320 px, 4-14 words) on disk, data loading included: `mmpeft train`
   itself (its metrics.json, per-step times from its metrics or tracker) against the plain loop fed like the
   brief's example (images decoded in the main process, text padded to full length); one epoch each, so the
@@ -48,6 +49,7 @@ MODE_OVERRIDES = {
     "lora8": ["model.quantization={bits: 8}"],
     "probe": ["model.text.mode=frozen", "model.vision.mode=frozen"],
     "lora_text": ["model.vision.mode=frozen"],
+    "lora_last2": ["model.text.lora.layers=2", "model.vision.lora.layers=2"],
 }
 MMPEFT_PRECISION = {"fp32": "no", "bf16": "bf16", "default": "auto"}
 # The plain loop's head and LoRA: a linear head without dropout, LoRA without dropout.

@@ -112,3 +112,31 @@ def test_precision_f1_smoke_run_writes_both_precisions(tmp_path):
     gap = 100 * (result["rows"][1]["test_macro_f1"] - result["rows"][0]["test_macro_f1"])
     assert result["gaps_points"] == [pytest.approx(gap)] and result["largest_gap_points"] == pytest.approx(abs(gap))
     assert "<!-- precision-f1:start -->" in readme.read_text() and "| 0 |" in readme.read_text()
+
+
+def test_plain_loop_last_layers_targets_match_mmpeft_lora_layers(tiny_paths):
+    """lora_last2's plain side adapts the same modules as mmpeft's `model.<tower>.lora.layers=2` (text and vision
+    towers of different depths included)."""
+    import re
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plain_loop
+
+    from mmpeft import build_classifier, load_backbone, load_config
+    from mmpeft.models.adapters import lora_module_names
+
+    config = SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=3),
+                             vision_config=SimpleNamespace(num_hidden_layers=4))
+    pattern = re.compile(plain_loop.last_layers_targets(config))
+    names = [f"{t}.encoder.layers.{i}.self_attn.{p}_proj" for t, n in (("text_model", 3), ("vision_model", 4))
+             for i in range(n) for p in ("q", "k", "v", "out")]
+    assert [n for n in names if pattern.fullmatch(n)] == [
+        f"{t}.encoder.layers.{i}.self_attn.{p}_proj" for t, layers in (("text_model", (1, 2)), ("vision_model", (2, 3)))
+        for i in layers for p in ("q", "k", "v", "out")]
+    cfg = load_config(None, [f"model.name={tiny_paths['clip']}", "model.text.lora.layers=1",
+                             "model.vision.lora.layers=1"])
+    backbone = load_backbone(cfg.model.name)
+    tiny = re.compile(plain_loop.last_layers_targets(backbone.model.config, n=1))
+    adapted = set(lora_module_names(build_classifier(backbone, cfg, ["a", "b"]).base))
+    assert adapted == {n for n, _ in backbone.model.named_modules() if tiny.fullmatch(n)}
