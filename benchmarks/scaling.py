@@ -55,8 +55,8 @@ def text_positions(shape: str, cache: str) -> int:
     return config.text_config.max_position_embeddings
 
 
-def cache_epochs(sizes: list[int], cache: Path) -> list[dict]:
-    """Tiny default, vision frozen (LoRA on text): epoch seconds uncached, filling the cache, and cached."""
+def cache_epochs(shape: str, sizes: list[int], cache: Path) -> list[dict]:
+    """`shape`'s checkpoint, vision frozen (LoRA on text): epoch seconds uncached, filling the cache, and cached."""
     import tempfile
 
     import torch
@@ -67,7 +67,9 @@ def cache_epochs(sizes: list[int], cache: Path) -> list[dict]:
     rows = []
     for size in sizes:
         manifest = speed.write_manifest(cache / "bench" / f"e2e-jpeg-{size}", size)
-        cfg = load_config(None, [f"data.train={manifest}", "data.batch_size=8", "data.num_workers=0",
+        checkpoint = speed.plain_loop.checkpoint_for(shape, cache)
+        cfg = load_config(None, [f"model.name={checkpoint}", f"data.train={manifest}", "data.batch_size=8",
+                                 "data.num_workers=0",
                                  "model.vision.mode=frozen", "train.mixed_precision=no"])
         backbone = load_backbone(cfg.model.name)
         loader = build_dataloaders(cfg.data, backbone, splits=("train",)).loaders["train"]
@@ -116,7 +118,7 @@ def chart(result: dict, path: Path) -> None:
     sizes = [r["examples"] for r in cache]
     for key, label in (("uncached_s", "uncached"), ("first_cached_epoch_s", "filling"), ("cached_s", "cached")):
         axes[0, 4].plot(sizes, [r[key] for r in cache], "o-", label=label)
-    axes[0, 4].set_title("feature cache (tiny, vision frozen)")
+    axes[0, 4].set_title(f"feature cache ({result['shape']}, vision frozen)")
     axes[0, 4].set_ylabel("s / epoch")
     axes[0, 4].legend()
     axes[1, 4].plot(sizes, [r["speedup"] for r in cache], "o-")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {axis}={shown}: {points[-1]['seconds_per_step']:.3f} s/step, "
                   f"{points[-1]['peak_memory_gib']:.2f} GiB", flush=True)
         result["axes"][axis] = points
-    result["feature_cache"] = cache_epochs(args.cache_sizes, Path(args.cache))
+    result["feature_cache"] = cache_epochs(args.shape, args.cache_sizes, Path(args.cache))
     result["load_avg"] += [p["load_avg"] for pts in result["axes"].values() for p in pts]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"cpu-{args.shape}.json").write_text(json.dumps(result, indent=2) + "\n")
