@@ -72,6 +72,13 @@ def test_cache_key_sees_every_weight_dtype_and_input(tiny_paths, sixteen_example
     model.base.vision_model.to(torch.bfloat16)
     assert _key(model, loader, backbone) != key
     model.base.vision_model.to(torch.float32)
+    from mmpeft.models.precision import restore_attention, set_attention
+
+    sdpa = _key(model, loader, backbone)  # the bf16 round trip above changed weights' last bits: another key
+    switched = set_attention(model.base, "eager")
+    assert switched and _key(model, loader, backbone) != sdpa  # eager and SDPA differ in the last bits
+    restore_attention(switched)
+    assert _key(model, loader, backbone) == sdpa
     image = loader.dataset.examples[0].image
     with open(image, "ab") as f:
         f.write(b"\0")

@@ -3,7 +3,8 @@
 A tower's pooled output is reused when the tower is frozen, carries no LoRA, sees no augmentation and has no
 dropout or BatchNorm in train mode; `cache_blockers` names whatever stops it. The key is a full SHA-256 of the
 tower's weights and buffers (the load fingerprint samples weights and is the same for fp32 and bf16 loads, whose
-features differ), their dtypes, the quantization, the autocast setting, the device type, the family's pooling,
+features differ), their dtypes, the quantization, the autocast setting, the attention implementation (eager and
+SDPA differ in the last bits), the device type, the family's pooling,
 the padding and text length (text) or the image processor's settings (vision), and the inputs themselves (each
 image file's bytes; each caption's token ids). Features live in memory, or memory-mapped under `root/<key>/` so
 that a fresh process (the comparison runs each configuration in one) finds them. Only pooled outputs are cached:
@@ -40,6 +41,7 @@ from torch import nn
 from ..backbones.registry import TowerOutput
 from .cache_files import is_complete, read_complete, write_complete
 from .partial_towers import partial_tower, split_missing
+from .precision import transformers_models
 
 logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
@@ -198,6 +200,7 @@ def cache_key(model, tower: str, dataset, *, mixed_precision: str, device: torch
         "weights": weights_sha256 or tower_weights_sha256(modules), "dtypes": dtypes,
         "quantization": repr(quantization),
         "autocast": mixed_precision, "device": torch.device(device).type, "inputs": inputs_sha256(dataset, tower),
+        "attention": sorted({str(m.config._attn_implementation) for m in transformers_models(model.base)}),
         "examples": len(dataset),
     }
     if below_layer is not None:
