@@ -4,6 +4,8 @@ says why it is off."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -352,3 +354,28 @@ def test_the_bert_style_split_is_the_text_towers_forward(model_type, attention):
     other = SimpleNamespace(text_model=tf.AutoModel.from_config(config), config=base.config)
     assert split.unfit(other) == ("the text tower is a distilbert encoder; its split forward is written for bert, "
                                   "roberta, xlm-roberta")
+
+
+def test_lora_layers_that_are_not_one_top_block_are_not_cached_and_say_so(tiny_dual, sixteen_examples, tmp_path):
+    """LoRA on the middle layer of a 3-layer BERT text tower only: the layer above it runs from states that change,
+    so nothing is cached, and the run says which layers carry LoRA."""
+    import shutil
+
+    import transformers as tf
+
+    name = tiny_dual["torchvision"]
+    bert = name.split(",")[0].removeprefix("dual:text=")
+    deeper = tmp_path / "bert-3-layers"
+    config = tf.BertConfig.from_pretrained(bert)
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    tf.BertModel(config).save_pretrained(deeper)
+    for file in Path(bert).glob("*token*"):
+        shutil.copy(file, deeper)
+    for file in Path(bert).glob("vocab*"):
+        shutil.copy(file, deeper)
+    targets = r"model.text.lora.targets=text_model\.encoder\.layer\.1\.attention\.self\.query"
+    run = _run({"clip": name.replace(f"text={bert}", f"text={deeper}")}, sixteen_examples, tmp_path / "middle",
+               "model.text.mode=lora", targets, "train.max_steps=1", "head.hidden=0")
+    assert run["feature_cache"]["text"] == ("not cached: LoRA on layers [1] of 3: not a contiguous top block "
+                                            "(`model.text.lora.layers`)")
