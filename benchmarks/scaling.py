@@ -69,8 +69,7 @@ def cache_epochs(shape: str, sizes: list[int], cache: Path) -> list[dict]:
         manifest = speed.write_manifest(cache / "bench" / f"e2e-jpeg-{size}", size)
         checkpoint = speed.plain_loop.checkpoint_for(shape, cache)
         cfg = load_config(None, [f"model.name={checkpoint}", f"data.train={manifest}", "data.batch_size=8",
-                                 "data.num_workers=0",
-                                 "model.vision.mode=frozen", "train.mixed_precision=no"])
+                                 "data.num_workers=0", "model.vision.mode=frozen", "train.mixed_precision=no"])
         backbone = load_backbone(cfg.model.name)
         loader = build_dataloaders(cfg.data, backbone, splits=("train",)).loaders["train"]
         model = build_classifier(backbone, cfg, ["negative", "neutral", "positive"]).train()
