@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from mmpeft import build_classifier, load_backbone, load_config
+    from mmpeft.backbones.embedded import cache_dir
     from mmpeft.models.precision import set_attention
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -37,9 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "eval_attention.json")
     args = parser.parse_args(argv)
-    from speed import default_cache
-
-    checkpoint = plain_loop.checkpoint_for(args.shape, Path(default_cache()))
+    checkpoint = plain_loop.checkpoint_for(args.shape, cache_dir())
     cfg = load_config(None, [f"model.name={checkpoint}"])
     backbone = load_backbone(cfg.model.name)
     model = build_classifier(backbone, cfg, ["negative", "neutral", "positive"]).eval()

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..backbones.dual import pool_text
 from ..backbones.registry import TowerOutput
 
 
@@ -125,8 +126,6 @@ def _bert_text_below(base: nn.Module, k: int, inputs: dict) -> torch.Tensor:
 
 def _bert_text_above(base: nn.Module, k: int, states: torch.Tensor, inputs: dict) -> TowerOutput:
     """Layers k.., then the dual encoder's pooling of the last hidden states (`cls` or the mean over real tokens)."""
-    from ..backbones.dual import pool_text
-
     text_model, attention_mask = base.text_model, inputs["attention_mask"]
     mask = _bert_mask(text_model, states, attention_mask)
     for layer in text_model.encoder.layer[k:]:

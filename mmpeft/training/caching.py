@@ -32,7 +32,7 @@ from ..models.feature_cache import (
     partial_cache_blockers,
     tower_weights_sha256,
 )
-from ..models.partial_towers import partial_tower, split_missing
+from ..models.partial_towers import partial_tower
 from ..models.state_cache import StateCache
 
 SPLITS = ("train", "eval", "test")
@@ -107,8 +107,6 @@ def _frozen_blockers(run, model, tower: str) -> tuple[list[str], list[str]]:
 def _partial_blockers(run, model, tower: str) -> tuple[list[str], list[str]]:
     """As `_frozen_blockers`, for the states below the first LoRA layer: dropout and BatchNorm there stop only
     the training split's cache (evaluation runs in eval mode, where they are deterministic)."""
-    if partial_tower(model, tower) is None:
-        return [split_missing(model, tower)], []
     model.eval()
     always = partial_cache_blockers(model, tower, num_processes=run.accelerator.num_processes)
     model.train()
