@@ -115,8 +115,8 @@ def test_precision_f1_smoke_run_writes_both_precisions(tmp_path):
 
 
 def test_plain_loop_last_layers_targets_match_mmpeft_lora_layers(tiny_paths):
-    """lora_last2's plain side adapts the same modules as mmpeft's `model.<tower>.lora.layers=2` (text and vision
-    towers of different depths included)."""
+    """lora_last2's plain side adapts the last N layers' q/k/v/out of each tower (towers of different depths
+    included), the modules mmpeft's `model.<tower>.lora.layers=N` adapts (checked at N=1 on the 2-layer tiny CLIP)."""
     import re
     from types import SimpleNamespace
 
